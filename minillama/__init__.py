@@ -1,0 +1,9 @@
+"""minillama: a from-scratch, readable Llama decoder that loads Hugging Face checkpoints and chats."""
+
+from minillama.checkpoint import load_model
+from minillama.config import LlamaConfig
+from minillama.errors import MinillamaError
+from minillama.kv_cache import KVCache
+from minillama.model import LlamaForCausalLM
+
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "KVCache", "MinillamaError", "load_model"]

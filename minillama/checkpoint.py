@@ -1,0 +1,176 @@
+"""Loading a Hugging Face checkpoint directory into `LlamaForCausalLM`.
+
+The model is built on the meta device (no memory), then each tensor is read from safetensors straight
+onto the target device, cast, and assigned in place, so no second full copy ever sits in host memory.
+Only safetensors is read: pickled `.bin` / `.pth` weights can run code when loaded, and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from minillama.config import LlamaConfig
+from minillama.errors import MinillamaError
+from minillama.model import LlamaForCausalLM, LlamaRotaryEmbedding
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                   "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The requested device, or CUDA when there is one, else CPU; a clear error for what cannot work."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MinillamaError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MinillamaError("CUDA was requested but this machine has no usable CUDA GPU; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MinillamaError(f"{device} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MinillamaError("MPS was requested but is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise MinillamaError(f"unsupported device {str(device)!r}; use cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config: LlamaConfig, device: torch.device) -> torch.dtype:
+    """The requested dtype; by default the checkpoint's own on CUDA (bf16 if unknown), fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return DTYPES.get(config.torch_dtype or "bfloat16", torch.bfloat16)
+    if dtype not in DTYPES:
+        raise MinillamaError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: one file, or the shards its index names."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise MinillamaError(f"{index}: not a valid shard index (needs a 'weight_map' object); "
+                                 "re-download the model") from None
+        for name in shards:
+            if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+                raise MinillamaError(f"{index}: shard name {name!r} is not a plain file name")
+            if not (model_dir / name).is_file():
+                raise MinillamaError(f"{index}: names shard {name}, which is missing; re-download the model")
+        return [model_dir / name for name in shards]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pth")) or any(model_dir.glob("*.pt")):
+        raise MinillamaError(f"{model_dir}: has only pickled weights (.bin/.pth), which can run code when loaded "
+                             "and are never read by minillama; use a safetensors copy of the model")
+    raise MinillamaError(f"{model_dir}: no model.safetensors or model.safetensors.index.json found")
+
+
+def check_safetensors_header(path: Path) -> dict:
+    """Validate a safetensors header against the file size before reading any tensor.
+
+    A truncated or corrupted file, or one whose header lies about sizes, is caught here with a
+    message naming the file, instead of a crash or a huge allocation later.
+    """
+    size = path.stat().st_size
+
+    def bad(why: str) -> MinillamaError:
+        return MinillamaError(f"{path}: corrupted or truncated safetensors file ({why}); re-download it")
+
+    if size < 8:
+        raise bad("shorter than its 8-byte header length")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8 or n > 100_000_000:
+            raise bad(f"header length {n} exceeds the file")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise bad("header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    end_max = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            nbytes = math.prod(shape) * _ST_DTYPE_BYTES[dtype]
+            valid = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) and end - begin == nbytes
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise bad(f"tensor {name!r} has an invalid entry")
+        end_max = max(end_max, end)
+    if 8 + n + end_max > size:
+        raise bad(f"data needs {8 + n + end_max} bytes, file has {size}")
+    return header
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> LlamaForCausalLM:
+    """Load a Hugging Face Llama checkpoint directory; the model comes back in eval mode.
+
+    device: "cpu", "cuda", ... (default: CUDA if present, else CPU).
+    dtype:  "float32", "bfloat16", "float16" (default: the checkpoint's on a GPU, float32 on CPU).
+    """
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise MinillamaError(f"{model_dir}: not a directory; pass a model directory or a hub id")
+    config = LlamaConfig.from_file(model_dir)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, config, device)
+
+    with torch.device("meta"):  # parameters without storage: filled from the checkpoint below
+        model = LlamaForCausalLM(config)
+    expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head is listed once
+
+    state: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    for file in weight_files(model_dir):
+        check_safetensors_header(file)
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings):
+                        continue  # recomputed from config / shared with the embedding
+                    if name not in expected:
+                        problems.append(f"unexpected tensor {name}")
+                        continue
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != tuple(expected[name]):
+                        problems.append(f"{name} has shape {list(shape)} but config.json implies "
+                                        f"{list(expected[name])}")
+                        continue
+                    state[name] = f.get_tensor(name).to(dtype)
+        except SafetensorError as e:
+            raise MinillamaError(f"{file}: cannot read safetensors ({e}); re-download it") from None
+    problems += [f"missing tensor {name}" for name in expected if name not in state]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise MinillamaError(f"{model_dir}: weights do not match config.json: {shown}")
+    for name, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise MinillamaError(f"{model_dir}: tensor {name} holds NaN or inf values; the checkpoint is broken")
+
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = LlamaRotaryEmbedding(config, device=device)  # buffers are not in checkpoints
+    return model.eval()
