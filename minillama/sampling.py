@@ -1,0 +1,186 @@
+"""Sampling: from the model's last logits to the next token id, as small pure functions.
+
+Each function takes logits (B, V) and returns new logits (B, V) with filtered entries set to -inf;
+none of them changes its input. `process_logits` chains them in transformers' order:
+
+    repetition penalty -> (only when sampling) temperature -> top-k -> top-p -> min-p
+
+then `sample` draws from the softmax with an explicit `torch.Generator`, or `greedy` takes the argmax.
+
+They are written for a compiled GPU decode step too: only torch ops, no `.item()` or other host
+syncs, and Python `if`s only on the settings (plain Python numbers), never on tensor values.
+
+Shapes: B batch, V vocabulary, S tokens seen so far.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from minillama.errors import MinillamaError
+
+
+@dataclass
+class SamplingSettings:
+    """How to pick the next token; the defaults are transformers' (`GenerationConfig` extends this)."""
+
+    do_sample: bool = False  # False: greedy (argmax); True: draw from the filtered distribution
+    temperature: float = 1.0  # divide logits by this when sampling; 0 means greedy
+    top_k: int = 50  # keep the k most likely tokens when sampling; 0 turns it off
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p; 1.0 turns it off
+    min_p: float | None = None  # drop tokens less likely than min_p * (top probability); None/0 turns it off
+    repetition_penalty: float = 1.0  # >1 makes tokens already seen less likely (greedy too); 1.0 turns it off
+
+    @property
+    def is_greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+# ---- Validation ------------------------------------------------------------------------------------
+
+def check_sampling_args(*, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                        min_p: float | None = None, repetition_penalty: float | None = None,
+                        max_new_tokens: int | None = None) -> None:
+    """Raise `MinillamaError` (one line) for a value no sampler can use; None means "not given"."""
+
+    def number(name: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise MinillamaError(f"{name} must be a finite number, got {value!r}")
+        return float(value)
+
+    def integer(name: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MinillamaError(f"{name} must be a whole number, got {value!r}")
+        return value
+
+    # Written as `not (in range)` so NaN, which fails every comparison, is rejected too.
+    if temperature is not None and not number("temperature", temperature) >= 0:
+        raise MinillamaError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and not integer("top_k", top_k) >= 0:
+        raise MinillamaError(f"top_k must be >= 0 (0 turns it off), got {top_k}")
+    if top_p is not None and not 0 < number("top_p", top_p) <= 1:
+        raise MinillamaError(f"top_p must be in (0, 1] (1 turns it off), got {top_p}")
+    if min_p is not None and not 0 <= number("min_p", min_p) <= 1:
+        raise MinillamaError(f"min_p must be in [0, 1] (0 turns it off), got {min_p}")
+    if repetition_penalty is not None and not number("repetition_penalty", repetition_penalty) > 0:
+        raise MinillamaError(f"repetition_penalty must be > 0 (1 turns it off), got {repetition_penalty}")
+    if max_new_tokens is not None and not integer("max_new_tokens", max_new_tokens) >= 1:
+        raise MinillamaError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+# ---- The steps, each a pure function on logits (B, V) ----------------------------------------------
+
+def seen_tokens(input_ids: torch.Tensor, vocab_size: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) bool, True for every token id that occurs in input_ids (B, S) where `mask` (B, S) is true.
+
+    Generation keeps this mask and sets one entry per step, instead of growing a list of ids,
+    so the repetition penalty works on fixed shapes.
+    """
+    seen = torch.zeros(input_ids.shape[0], vocab_size + 1, dtype=torch.bool, device=input_ids.device)
+    ids = input_ids.clamp(0, vocab_size)  # ids past the head's vocabulary cannot be generated: park them in
+    if mask is not None:                  # the spare last column, which is dropped below
+        ids = ids.masked_fill(~mask.bool(), vocab_size)
+    return seen.scatter(1, ids, True)[:, :vocab_size]
+
+
+def apply_repetition_penalty(logits: torch.Tensor, input_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already seen less likely (penalty > 1) or more likely (penalty < 1), once per token.
+
+    input_ids: the ids seen so far (B, S), prompt included as in transformers, or a `seen_tokens` mask (B, V).
+    A positive logit is divided by the penalty and a negative one multiplied, so both move toward "less likely".
+    """
+    if penalty == 1.0:
+        return logits
+    seen = input_ids if input_ids.dtype == torch.bool else seen_tokens(input_ids, logits.shape[-1])
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sharpen (t < 1) or flatten (t > 1) the distribution: softmax(logits / t)."""
+    if temperature == 1.0:
+        return logits
+    return logits / temperature
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (more on ties with the k-th), set the rest to -inf."""
+    if k <= 0:
+        return logits
+    kth_largest = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the most likely tokens until their probability adds up to p (at least one).
+
+    As transformers does it: sort ascending, and drop the tokens whose cumulative probability from the
+    unlikely end is still <= 1 - p; the most likely token is always kept.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)  # (B, V) each, least likely first
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    drop_sorted = cumulative <= 1 - p
+    drop_sorted[:, -1] = False  # the most likely token always survives
+    drop = drop_sorted.scatter(1, order, drop_sorted)  # (B, V) back in vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the most likely token's (which is always kept)."""
+    if not min_p:
+        return logits
+    probs = logits.softmax(dim=-1)  # (B, V)
+    threshold = min_p * probs.amax(dim=-1, keepdim=True)  # (B, 1)
+    drop = probs < threshold
+    # The top token passes `probs < threshold` unless min_p == 1 meets rounding; pin it explicitly.
+    drop = drop.scatter(1, probs.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, input_ids: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """All the steps in transformers' order, on fp32 logits (B, V); returns fp32 (B, V).
+
+    input_ids: ids seen so far (B, S) or a `seen_tokens` mask (B, V), for the repetition penalty.
+    The penalty applies in greedy decoding too; the warpers (temperature, top-k/p, min-p) only when sampling.
+    """
+    logits = logits.float()  # transformers casts the last logits to fp32 before any processor
+    logits = apply_repetition_penalty(logits, input_ids, settings.repetition_penalty)
+    if settings.is_greedy:
+        return logits
+    logits = apply_temperature(logits, settings.temperature)
+    logits = apply_top_k(logits, settings.top_k)
+    logits = apply_top_p(logits, settings.top_p)
+    return apply_min_p(logits, settings.min_p)
+
+
+# ---- Picking the token -----------------------------------------------------------------------------
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token of each row: (B, V) -> (B,) int64."""
+    return logits.argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one token per row from softmax(logits): (B, V) -> (B,) int64.
+
+    `generator` (on the logits' device) makes the draw reproducible; None uses torch's global RNG.
+    Instead of `torch.multinomial` (which syncs with the host on CUDA) this uses the exponential race:
+    argmax(p_i / E_i) with E_i ~ Exp(1) picks token i with probability exactly p_i. -inf logits have
+    p_i = 0 and can never win.
+    """
+    probs = logits.float().softmax(dim=-1)  # (B, V)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)  # (B, V)
+    race = race.clamp_min(torch.finfo(race.dtype).tiny)  # a draw of exactly 0 would make 0/0 = NaN
+    return (probs / race).argmax(dim=-1)
+
+
+def next_token(logits: torch.Tensor, input_ids: torch.Tensor, settings: SamplingSettings,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """process_logits, then greedy or sample: the model's last logits (B, V) -> next ids (B,)."""
+    scores = process_logits(logits, input_ids, settings)
+    return greedy(scores) if settings.is_greedy else sample(scores, generator)
