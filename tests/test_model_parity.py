@@ -116,3 +116,18 @@ def test_bf16_matches_transformers_bf16(tmp_path):
     clear = (top2[..., 0] - top2[..., 1]) > 0.03
     assert clear.float().mean() > 0.5
     assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
+
+
+def test_real_llama32_rope_far_positions(tmp_path):
+    """Llama 3.2's real rope settings (theta 5e5, factor 32, original 8192) at positions past 8K, where
+    errors in the scaling or in fp32 angle math grow; position_ids reach there without a long prompt."""
+    rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    path = make_hf_checkpoint(tmp_path, seed=7, tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=rope,
+                              max_position_embeddings=131072)
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(4))
+    position_ids = torch.arange(9000, 9064).expand(2, 64)
+    with torch.no_grad():
+        expected = hf_model(path)(ids, position_ids=position_ids).logits
+        got = minillama.load_model(path, device="cpu")(ids, position_ids=position_ids)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
