@@ -132,7 +132,9 @@ KITCHEN_SINK_TEMPLATE = """{% set ns = namespace(last_user=-1, n=0) %}
 <{{ m.role }}{{ '*' if loop.index0 == ns.last_user else '' }}>
   {% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}
 {{ dict(role=m.role, n=ns.n) | tojson(sort_keys=true) }} {{ m | tojson(indent=2, separators=(',', ': ')) }}
+{{ loop.length }}/{{ loop.revindex }}{{ ' last' if loop.last }} {% for k, v in m | items if k != 'role' %}{{ k }}={{ v | length }}{% else %}none{% endfor %}
 {% endfor %}
+{% for x in [] %}never{% else %}empty{% endfor %}
 {% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}
 {{ eos_token if not add_generation_prompt else '<gen>' }}{{ tools | tojson }} {{ documents | tojson }}
 """
