@@ -80,7 +80,7 @@ class GenerationConfig(SamplingSettings):
             raise MinillamaError(f"unknown generation setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
         changes = {k: v for k, v in overrides.items() if v is not None}
         if "eos_token_id" in changes:
-            changes["eos_token_id"] = _id_list("eos_token_id", changes["eos_token_id"])
+            changes["eos_token_id"] = _id_list("eos_token_id", changes["eos_token_id"], allow_empty=True)
         if "stop_strings" in changes:
             stops = changes["stop_strings"]
             stops = [stops] if isinstance(stops, str) else stops
@@ -107,10 +107,10 @@ class GenerationConfig(SamplingSettings):
         return _id_list("eos_token_id", self.eos_token_id)[0] if self.eos_token_id else 0
 
 
-def _id_list(name: str, value: Any) -> list[int]:
+def _id_list(name: str, value: Any, allow_empty: bool = False) -> list[int]:
     """An id or a list of ids, as a list; bad entries raise."""
     ids = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+    if (not ids and not allow_empty) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
         raise MinillamaError(f"{name} must be a token id or a list of ids, got {value!r}")
     return ids
 
@@ -299,6 +299,9 @@ def generate(model: torch.nn.Module, input_ids: Any, generation_config: Generati
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab:
         raise MinillamaError(f"token id {low if low < 0 else high} is outside the model's vocabulary (0..{vocab - 1})")
+    if B > 1 and not 0 <= config.pad_id < vocab:
+        raise MinillamaError(f"pad_token_id {config.pad_id} is outside the model's vocabulary (0..{vocab - 1}); "
+                             "set pad_token_id to a valid id")
     if attention_mask is not None:
         attention_mask = torch.as_tensor(attention_mask).to(device).reshape(B, -1)
         if attention_mask.shape[1] not in (T, input_pos + T):

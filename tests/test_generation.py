@@ -273,3 +273,10 @@ def test_updated_ignores_none_and_checks_values():
         c.updated(top_k=-1)
     with pytest.raises(MinillamaError, match="unknown generation setting 'topk'"):
         c.updated(topk=5)
+
+
+def test_batch_pad_id_must_be_in_the_vocabulary(model32):
+    ids, mask = left_pad(PROMPTS[:2])
+    with pytest.raises(MinillamaError, match="pad_token_id 300"):
+        generate(NoForward(model32), ids, attention_mask=mask, pad_token_id=300)
+    assert GenerationConfig().updated(eos_token_id=[]).eos_token_id == []

@@ -1,0 +1,98 @@
+"""The whole walkthrough in one call: chat messages in, the assistant's reply out.
+
+    pipe = minillama.pipeline("path/to/Llama-3.2-1B-Instruct")
+    pipe([{"role": "user", "content": "Hi!"}])                 # -> "Hello! How can I help?"
+    for piece in pipe.stream(messages, temperature=0.2):      # the same reply, as it is made
+        print(piece, end="", flush=True)
+
+Each step is one visible line in `stream`: messages -> chat template -> token ids -> `generate`
+(prefill, then decode through the KV cache, sampling each token) -> streaming detokenizer -> text.
+Like transformers' `pipeline("text-generation")`, but returning just the reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minillama.checkpoint import load_model
+from minillama.generation import Generation, GenerationConfig, generate
+from minillama.tokenizer import load_tokenizer
+
+Messages = Sequence[Mapping[str, Any]]
+
+# Tokens that close a turn in common chat formats (Llama 3, ChatML). An instruct model ends its reply
+# with one; a generation_config.json that forgets it would otherwise let the model talk forever.
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>")
+
+
+class ChatPipeline:
+    """A model, its tokenizer and its generation defaults, ready to answer a chat.
+
+    generation_config: the defaults (usually `GenerationConfig.from_model_dir`); each call may override
+                       single fields (`pipe(messages, max_new_tokens=50, temperature=0.7)`).
+    seed:              makes sampling reproducible across a session; None draws fresh randomness.
+    last_generation:   the `Generation` of the latest reply: `.stop_reason` ("eos", "length",
+                       "stop_string") and `.tokens` say how it ended.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, generation_config: GenerationConfig | None = None,
+                 seed: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.generation_config = generation_config or GenerationConfig()
+        self.generator = torch.Generator(device=model.device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        self.last_generation: Generation | None = None
+
+    def __call__(self, messages: Messages | str, chat_template_kwargs: dict[str, Any] | None = None,
+                 **overrides: Any) -> str:
+        """The assistant's reply to `messages` (a list of {"role", "content"} dicts, or one user message)."""
+        return "".join(self.stream(messages, chat_template_kwargs, **overrides))
+
+    def stream(self, messages: Messages | str, chat_template_kwargs: dict[str, Any] | None = None,
+               **overrides: Any) -> Iterator[str]:
+        """The reply as text pieces, each yielded as soon as its tokens are made.
+
+        chat_template_kwargs reach the template (e.g. {"date_string": "26 Jul 2024"}); overrides
+        replace generation settings for this reply only. Errors (bad settings, a prompt longer than
+        the context) are raised here, before the first piece.
+        """
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        prompt_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                        **(chat_template_kwargs or {}))
+        config = self.generation_config.updated(**overrides)
+        config = config.updated(eos_token_id=self.end_of_turn_ids(config.eos_token_id))
+        generation = generate(self.model, prompt_ids, config, generator=self.generator, tokenizer=self.tokenizer)
+        self.last_generation = generation
+        return self._pieces(generation)
+
+    def end_of_turn_ids(self, eos_ids: list[int]) -> list[int]:
+        """`eos_ids` plus the tokenizer's eos and any end-of-turn token its vocabulary has."""
+        extra = [self.tokenizer.eos_token_id, *(self.tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS)]
+        return list(dict.fromkeys([*eos_ids, *(i for i in extra if i is not None)]))
+
+    def _pieces(self, generation: Generation) -> Iterator[str]:
+        # A separate generator, so that `stream` itself checks everything when called, not at the first piece.
+        decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
+        for token_id in generation:
+            piece = decoder.push(token_id)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+
+def pipeline(model_dir: str | Path, device: str | torch.device | None = None,
+             dtype: str | torch.dtype | None = None, seed: int | None = None) -> ChatPipeline:
+    """Load a model directory (weights, tokenizer, generation_config.json) into a `ChatPipeline`."""
+    model = load_model(model_dir, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(model_dir)
+    return ChatPipeline(model, tokenizer, GenerationConfig.from_model_dir(model_dir), seed=seed)
