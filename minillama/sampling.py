@@ -165,22 +165,34 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def sampling_noise(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Exp(1) draws (B, V) for `sample`, from `generator` (None: torch's global RNG).
+
+    A compiled step cannot take a `torch.Generator` (torch.compile does not trace one): draw the
+    noise outside it with this function and pass it in, or let the step use the global RNG.
+    """
+    noise = torch.empty_like(logits, dtype=torch.float32).exponential_(1.0, generator=generator)
+    return noise.clamp_min(torch.finfo(torch.float32).tiny)  # a draw of exactly 0 would make 0/0 = NaN
+
+
+def sample(logits: torch.Tensor, generator: torch.Generator | None = None, *,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one token per row from softmax(logits): (B, V) -> (B,) int64.
 
-    `generator` (on the logits' device) makes the draw reproducible; None uses torch's global RNG.
+    `generator` (on the logits' device) makes the draw reproducible; None uses torch's global RNG;
+    `noise` (from `sampling_noise`) replaces both.
     Instead of `torch.multinomial` (which syncs with the host on CUDA) this uses the exponential race:
     argmax(p_i / E_i) with E_i ~ Exp(1) picks token i with probability exactly p_i. -inf logits have
     p_i = 0 and can never win.
     """
     probs = logits.float().softmax(dim=-1)  # (B, V)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)  # (B, V)
-    race = race.clamp_min(torch.finfo(race.dtype).tiny)  # a draw of exactly 0 would make 0/0 = NaN
-    return (probs / race).argmax(dim=-1)
+    if noise is None:
+        noise = sampling_noise(logits, generator)
+    return (probs / noise).argmax(dim=-1)
 
 
 def next_token(logits: torch.Tensor, input_ids: torch.Tensor, settings: SamplingSettings,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, *, noise: torch.Tensor | None = None) -> torch.Tensor:
     """process_logits, then greedy or sample: the model's last logits (B, V) -> next ids (B,)."""
     scores = process_logits(logits, input_ids, settings)
-    return greedy(scores) if settings.is_greedy else sample(scores, generator)
+    return greedy(scores) if settings.is_greedy else sample(scores, generator, noise=noise)

@@ -30,6 +30,7 @@ from minillama.sampling import (
     next_token,
     process_logits,
     sample,
+    sampling_noise,
     seen_tokens,
 )
 
@@ -236,3 +237,19 @@ def test_validation_accepts_exactly_the_valid_range(x, n):
     assert ok(repetition_penalty=x) == (finite and x > 0)
     assert ok(top_k=n) == (n >= 0)
     assert ok(max_new_tokens=n) == (n >= 1)
+
+
+@pytest.mark.parametrize("settings_", [
+    SamplingSettings(do_sample=True, temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.2),
+    SamplingSettings(repetition_penalty=1.3),
+])
+def test_the_chain_traces_into_one_graph(settings_):
+    """No host syncs or data-dependent branches: torch.compile captures it whole (fullgraph), as a
+    compiled decode step needs. backend="eager" checks the tracing without compiling kernels."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(next_token, fullgraph=True, backend="eager")
+    logits, seen = random_logits(5), seen_tokens(random_ids(5), V)
+    noise = sampling_noise(logits, torch.Generator().manual_seed(0))
+    assert torch.equal(compiled(logits, seen, settings_, noise=noise), next_token(logits, seen, settings_, noise=noise))
