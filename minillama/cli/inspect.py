@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from minillama.inspect import format_report, inspect_model
 
@@ -24,12 +25,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_model_dir(name: str):
+def resolve_model_dir(name: str) -> Path:
     """A local directory, or a hub id when `minillama.hub` is there to fetch it."""
     try:
         from minillama.hub import resolve_model
     except ImportError:
-        from pathlib import Path
-
         return Path(name)
     return resolve_model(name)

@@ -8,6 +8,7 @@ embeddings alone, after layer 0, ..., after the last layer, which is the model's
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def logit_lens(model: LlamaForCausalLM, input_ids: torch.Tensor, top: int = 5) -
     return Lens(layers, torch.stack(ids), torch.stack(probs))
 
 
-def format_lens(lens: Lens, input_ids: list[int], piece) -> str:
+def format_lens(lens: Lens, input_ids: list[int], piece: Callable[[int], str]) -> str:
     """One block per position: the token there, then per layer its top predictions with probabilities."""
     width = max(len(name) for name in lens.layers)
     out = []
@@ -57,7 +58,7 @@ def format_lens(lens: Lens, input_ids: list[int], piece) -> str:
     return "\n".join(out)
 
 
-def plot_lens(lens: Lens, input_ids: list[int], piece, path: Path) -> None:
+def plot_lens(lens: Lens, input_ids: list[int], piece: Callable[[int], str], path: Path) -> None:
     """Heatmap: layers down, positions across, colour = top-1 probability, cell text = top-1 token."""
     try:
         import matplotlib
