@@ -1,0 +1,402 @@
+"""Converting a llama.cpp GGUF file into a Hugging Face model directory that minillama loads.
+
+A GGUF file holds everything in one place: metadata (`llama.block_count`, `tokenizer.ggml.tokens`, ...)
+and tensors, most of them quantized. `convert_gguf` turns it into the files a Hugging Face checkpoint has:
+
+    config.json              from the `llama.*` metadata
+    generation_config.json   bos / eos ids
+    model.safetensors        dequantized tensors under HF names (sharded past a few GB)
+    tokenizer.json           the byte-level BPE vocabulary and merges, with llama.cpp's pre-tokenizer
+    tokenizer_config.json    special tokens and the chat template
+
+Two details matter for exactness:
+- llama.cpp's converter permutes the rows of q_proj / k_proj from HF's half-split RoPE layout into the
+  interleaved layout its kernels use; we permute them back (`unpermute_rope_rows`).
+- The pre-tokenizer (how text is split before BPE merges) is named by `tokenizer.ggml.pre`; we rebuild the
+  regexes llama.cpp uses for that name (`smollm` isolates every digit).
+
+Reading uses the `gguf` package, llama.cpp's own reader and dequantizer (the third-party package, not
+this module: imports here are absolute).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from minillama.errors import MinillamaError
+
+# A shard holds at most this many bytes, so writing never needs more than one shard of tensors in memory.
+SHARD_BYTES = 2 * 1024**3
+
+# GGUF tensor name (after `blk.N.`) -> HF module path (after `model.layers.N.`).
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+# llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), applied one after the other: each splits the pieces
+# the previous one produced. The GPT-2 pattern is the one the ByteLevel pre-tokenizer applies itself.
+_GPT2 = "gpt2"
+_DIGITS = r"\p{N}"
+_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {
+    "default": [_GPT2], "gpt-2": [_GPT2], "gpt2": [_GPT2], "mpt": [_GPT2], "olmo": [_GPT2], "jais": [_GPT2],
+    # starcoder-family vocabularies: every digit on its own, then GPT-2 splitting
+    "smollm": [_DIGITS, _GPT2], "starcoder": [_DIGITS, _GPT2], "refact": [_DIGITS, _GPT2],
+    "codeshell": [_DIGITS, _GPT2], "command-r": [_DIGITS, _GPT2],
+    "llama3": [_LLAMA3], "llama-v3": [_LLAMA3], "llama-bpe": [_LLAMA3],
+}
+
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation: interleaved RoPE pairs -> HF's half-split layout.
+
+    Within each head, llama.cpp stores the rows as (x0, y0, x1, y1, ...), the pairs that RoPE rotates
+    together; HF stores (x0, x1, ..., y0, y1, ...), which is what `rotate_half` expects.
+    Works for weights (rows, C) and biases (rows,).
+    """
+    rows = w.shape[0]
+    D = rows // n_heads
+    w = w.reshape(n_heads, D // 2, 2, *w.shape[1:])  # (heads, D/2, pair, ...)
+    return w.transpose(1, 2).reshape(rows, *w.shape[3:])  # (heads * D, ...) as (heads, pair, D/2, ...)
+
+
+class _Metadata:
+    """Typed access to the GGUF key/value metadata, with a one-line error for a missing key."""
+
+    def __init__(self, reader: gguf.GGUFReader, path: Path):
+        self.reader, self.path = reader, path
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def require(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise MinillamaError(f"{self.path}: GGUF metadata key {key!r} is missing; the file is incomplete")
+        return value
+
+
+def _short_float(x: float) -> float:
+    """A float32 metadata value as its shortest decimal (9.99999975e-06 -> 1e-05)."""
+    return float(str(np.float32(x)))
+
+
+def read_config(meta: _Metadata, tensor_names: set[str], dtype: str) -> dict[str, Any]:
+    """Build an HF `config.json` dict from the `llama.*` metadata."""
+    arch = meta.require("general.architecture")
+    if arch != "llama":
+        raise MinillamaError(f"{meta.path}: GGUF architecture is {arch!r}; minillama converts only 'llama'")
+    a = "llama."
+    hidden = int(meta.require(a + "embedding_length"))
+    n_heads = int(meta.require(a + "attention.head_count"))
+    n_kv_heads = int(meta.get(a + "attention.head_count_kv", n_heads))
+    head_dim = int(meta.get(a + "attention.key_length", hidden // n_heads))
+    rope_dim = int(meta.get(a + "rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise MinillamaError(f"{meta.path}: RoPE covers {rope_dim} of {head_dim} head dims; "
+                             "partial rotary embeddings are not a Llama feature minillama supports")
+    tokens = meta.require("tokenizer.ggml.tokens")
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": int(meta.get(a + "vocab_size", len(tokens))),
+        "hidden_size": hidden,
+        "intermediate_size": int(meta.require(a + "feed_forward_length")),
+        "num_hidden_layers": int(meta.require(a + "block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": int(meta.require(a + "context_length")),
+        "rms_norm_eps": _short_float(meta.require(a + "attention.layer_norm_rms_epsilon")),
+        "rope_theta": _short_float(meta.get(a + "rope.freq_base", 10000.0)),
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "mlp_bias": "blk.0.ffn_up.bias" in tensor_names,
+        # Without an `output` tensor llama.cpp reuses the embedding as the output head.
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "torch_dtype": dtype,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
+    scaling = meta.get(a + "rope.scaling.type", "none")
+    if scaling == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": _short_float(meta.require(a + "rope.scaling.factor"))}
+    elif scaling not in ("none", None):
+        raise MinillamaError(f"{meta.path}: RoPE scaling {scaling!r} is not supported (minillama: linear, llama3)")
+    return config
+
+
+def llama3_rope_factors(theta: float, head_dim: int, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_max: int) -> torch.Tensor:
+    """The per-frequency divisors llama.cpp stores as `rope_freqs.weight` for llama3 rope scaling."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original_max / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    return torch.where(wavelen < original_max / high_freq_factor, 1.0,  # high band: unscaled
+                       torch.where(wavelen > original_max / low_freq_factor, factor, mid))  # low band: / factor
+
+
+def llama3_scaling_from_factors(freqs: torch.Tensor, theta: float, head_dim: int, path: Path) -> dict[str, Any]:
+    """Recover llama3 rope_scaling parameters from a `rope_freqs` tensor.
+
+    GGUF keeps only the computed divisors, not the parameters; Llama 3.1/3.2/3.3 all use low 1, high 4,
+    original context 8192, so we try those with the largest divisor as the factor, and insist they
+    reproduce the tensor exactly rather than guess.
+    """
+    factor = float(freqs.max())
+    params = {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    expected = llama3_rope_factors(theta, head_dim, factor, 1.0, 4.0, 8192)
+    if freqs.shape != expected.shape or not torch.allclose(freqs.double(), expected, rtol=1e-4, atol=1e-4):
+        raise MinillamaError(f"{path}: rope_freqs does not match Llama 3's rope scaling; "
+                             "this RoPE variant is not supported")
+    return {"rope_type": "llama3", **params}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for an unknown name."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
+    if m and m.group(1) in _TOP_NAMES:
+        return f"{_TOP_NAMES[m.group(1)]}.{m.group(2)}"
+    return None
+
+
+def to_torch(t: gguf.ReaderTensor) -> torch.Tensor:
+    """A GGUF tensor as a torch tensor, (rows, cols) like HF: f32/f16 as stored, bf16 as bf16, quantized -> f32."""
+    kind = gguf.GGMLQuantizationType
+    if t.tensor_type in (kind.F32, kind.F16):
+        return torch.from_numpy(np.array(t.data))  # copy out of the memory-mapped file
+    if t.tensor_type == kind.BF16:
+        return torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16).reshape(
+            tuple(int(n) for n in reversed(t.shape)))
+    # The reader's numpy shape is GGUF's shape reversed, i.e. (rows, cols) as HF stores it.
+    return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
+
+
+def _model_dtype(tensors: list[gguf.ReaderTensor]) -> str:
+    """float16 / bfloat16 when every matrix is stored so, else float32 (what dequantized values need)."""
+    kinds = {t.tensor_type for t in tensors if len(t.shape) > 1}
+    if kinds == {gguf.GGMLQuantizationType.F16}:
+        return "float16"
+    if kinds == {gguf.GGMLQuantizationType.BF16}:
+        return "bfloat16"
+    return "float32"
+
+
+# ---- Tokenizer -----------------------------------------------------------------------------------
+
+def build_tokenizer_json(meta: _Metadata) -> str:
+    """A `tokenizers` byte-level BPE tokenizer, serialized, from the GGUF vocabulary and merges."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    kind = meta.require("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise MinillamaError(f"{meta.path}: tokenizer model {kind!r} is not supported; minillama converts "
+                             "byte-level BPE ('gpt2') vocabularies")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise MinillamaError(f"{meta.path}: pre-tokenizer {pre!r} is not supported; known: "
+                             f"{', '.join(sorted(PRE_TOKENIZERS))}")
+    tokens: list[str] = meta.require("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in meta.require("tokenizer.ggml.merges")]
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+
+    try:
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                   fuse_unk=False, byte_fallback=False, ignore_merges=False))
+    except Exception as e:  # tokenizers raises a bare Exception for a merge naming an unknown token
+        raise MinillamaError(f"{meta.path}: tokenizer vocabulary and merges do not fit together ({e})") from None
+    splits = []
+    for pattern in PRE_TOKENIZERS[pre]:
+        if pattern == _GPT2:  # ByteLevel applies GPT-2's regex itself, then maps bytes to characters
+            splits.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+        else:
+            splits.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
+    if PRE_TOKENIZERS[pre][-1] != _GPT2:
+        splits.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(splits)
+    tok.decoder = decoders.ByteLevel()
+
+    bos_id = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token", False) and bos_id is not None:
+        bos = tokens[bos_id]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, bos_id)])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    # Control tokens (<|im_start|>, ...) are special: matched whole, skipped when decoding with
+    # skip_special_tokens. User-defined ones are matched whole but decode as text.
+    tok.add_tokens([AddedToken(tokens[i], special=types[i] == _CONTROL, normalized=False)
+                    for i in range(len(tokens)) if types[i] in (_CONTROL, _USER_DEFINED)])
+    return tok.to_str()
+
+
+def tokenizer_config(meta: _Metadata, context_length: int) -> dict[str, Any]:
+    tokens: list[str] = meta.require("tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+
+    def token(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "bos_token": token("bos"),
+        "eos_token": token("eos"),
+        "pad_token": token("padding"),
+        "unk_token": token("unknown"),
+        "chat_template": meta.get("tokenizer.chat_template"),
+        "model_max_length": context_length,
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {
+            str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": types[i] == _CONTROL}
+            for i in range(len(tokens)) if types[i] in (_CONTROL, _USER_DEFINED)
+        },
+    }
+
+
+def generation_config(meta: _Metadata) -> dict[str, Any]:
+    """bos and the end-of-generation ids: eos, plus end-of-turn / end-of-message when the GGUF names them."""
+    eos = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    eos = list(dict.fromkeys(i for i in eos if i is not None))  # unique, in order
+    config = {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+              "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
+    if meta.get("tokenizer.ggml.padding_token_id") is not None:
+        config["pad_token_id"] = meta.get("tokenizer.ggml.padding_token_id")
+    return config
+
+
+# ---- Conversion ----------------------------------------------------------------------------------
+
+def _write_tensors(reader: gguf.GGUFReader, config: dict[str, Any], out: Path, progress: bool,
+                   path: Path) -> None:
+    """Dequantize, rename and unpermute every tensor, writing safetensors shards of at most SHARD_BYTES."""
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[config["torch_dtype"]]
+    wanted = [t for t in reader.tensors if t.name != "rope_freqs.weight"]
+    for t in wanted:
+        if hf_name(t.name) is None:
+            raise MinillamaError(f"{path}: unexpected tensor {t.name!r}; not a plain Llama GGUF")
+    sizes = [int(np.prod([int(n) for n in t.shape])) * dtype.itemsize for t in wanted]
+    n_shards = max(1, math.ceil(sum(sizes) / SHARD_BYTES))
+
+    def shard_name(i: int) -> str:
+        return "model.safetensors" if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes, shard_index = 0, 0
+    bar = tqdm(wanted, desc="converting", unit="tensor", disable=not progress, file=sys.stderr)
+    for t, size in zip(bar, sizes):
+        if shard and shard_bytes + size > SHARD_BYTES and shard_index < n_shards - 1:
+            save_file(shard, out / shard_name(shard_index), metadata={"format": "pt"})
+            shard, shard_bytes, shard_index = {}, 0, shard_index + 1
+        name = hf_name(t.name)
+        w = to_torch(t)
+        if t.name.startswith("blk.") and ".attn_q." in t.name:
+            w = unpermute_rope_rows(w, config["num_attention_heads"])
+        elif t.name.startswith("blk.") and ".attn_k." in t.name:
+            w = unpermute_rope_rows(w, config["num_key_value_heads"])
+        shard[name] = w.to(dtype).contiguous()
+        shard_bytes += size
+        weight_map[name] = shard_name(shard_index)
+    save_file(shard, out / shard_name(shard_index), metadata={"format": "pt"})
+    if n_shards > 1:
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give the directory and its files ordinary permissions (mkdtemp makes them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for file in directory.iterdir():
+        file.chmod(0o666 & ~umask)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
+    """Convert a llama-architecture GGUF file into a Hugging Face model directory; returns `out_dir`.
+
+    Everything is written to a temporary directory beside `out_dir` and renamed into place at the end,
+    so an interrupted conversion never leaves a directory that looks like a complete model.
+    """
+    path, out = Path(gguf_path), Path(out_dir)
+    if not path.is_file():
+        raise MinillamaError(f"{path}: no such file")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MinillamaError(f"{out}: already exists; remove it or choose another output directory")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise MinillamaError(f"{path}: not a readable GGUF file ({e})") from None
+    meta = _Metadata(reader, path)
+
+    names = {t.name for t in reader.tensors}
+    config = read_config(meta, names, _model_dtype(reader.tensors))
+    if "rope_freqs.weight" in names:  # llama3 rope scaling, stored as computed divisors
+        freqs = to_torch(next(t for t in reader.tensors if t.name == "rope_freqs.weight")).float()
+        config["rope_scaling"] = llama3_scaling_from_factors(freqs, config["rope_theta"], config["head_dim"], path)
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise MinillamaError(f"{path}: tensor 'token_embd.weight' is missing; the file is incomplete")
+    config["vocab_size"] = int(embed.shape[1])  # GGUF shapes are (cols, rows): the embedding is (C, V)
+    tokenizer_json = build_tokenizer_json(meta)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _write_tensors(reader, config, tmp, progress, path)
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "generation_config.json", generation_config(meta))
+        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        _write_json(tmp / "tokenizer_config.json", tokenizer_config(meta, config["max_position_embeddings"]))
+        _apply_umask(tmp)
+        if out.is_dir():
+            out.rmdir()  # empty (checked above); rename needs the name free
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
