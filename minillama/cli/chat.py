@@ -1,0 +1,197 @@
+"""`minillama chat [MODEL]`: a streaming chat in the terminal.
+
+At a terminal: a prompt with line editing, in-chat commands, `\"\"\"` for multi-line messages, Ctrl-C to
+stop a reply (a second Ctrl-C, or Ctrl-D, exits) and a stats line after each reply. With stdin not a
+terminal (a pipe, a file) each input line is one message and only the replies are printed on stdout,
+for scripting; stats and notices go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from minillama.cli.common import add_model_args, add_sampling_args, eprint, load_all
+from minillama.errors import MinillamaError
+
+HELP = """commands:
+  /help          this list
+  /clear         forget the conversation (keeps the system prompt)
+  /system TEXT   set the system prompt (no TEXT: remove it)
+  /save FILE     save the conversation and settings as JSON
+  /load FILE     continue a saved conversation
+  /exit          leave (also /bye, /quit, Ctrl-D)
+  \"\"\"            start or end a multi-line message
+Ctrl-C stops a reply; Ctrl-C again at the prompt exits."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="chat with a model", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--context", type=int, help="most tokens the conversation may hold (default: the model's, "
+                                               "at most 8192)")
+    p.add_argument("--load", metavar="FILE", help="continue a conversation saved with /save")
+    p.add_argument("--no-stats", action="store_true", help="no stats line after replies")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from minillama.chat import ChatSession
+
+    if args.context is not None and args.context < 2:
+        raise MinillamaError(f"--context must be at least 2 tokens, got {args.context}")
+    loaded = load_all(args)
+    session = ChatSession(loaded.model, loaded.tokenizer, loaded.generation_config, system=args.system,
+                          seed=args.seed, context=args.context)
+    if args.load:
+        session.load_transcript(read_transcript(args.load))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        cfg = loaded.generation_config
+        sampling = "greedy" if cfg.is_greedy else (f"temperature {cfg.temperature}, top_k {cfg.top_k}, "
+                                                    f"top_p {cfg.top_p}" + (f", min_p {cfg.min_p}" if cfg.min_p else ""))
+        eprint(f"minillama chat: {loaded.path} on {loaded.model.device} ({str(loaded.model.dtype)[6:]}), "
+               f"loaded in {loaded.load_seconds:.1f} s; {sampling}; context {session.context} tokens")
+        eprint(f"chat template: {loaded.tokenizer.chat_template_source}. Type /help for commands.")
+    return Repl(session, interactive, stats=not args.no_stats, model_name=str(args.model)).loop()
+
+
+def read_transcript(path: str) -> dict:
+    try:
+        return json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MinillamaError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MinillamaError(f"{path}: not a JSON transcript ({e})") from None
+
+
+class Repl:
+    def __init__(self, session, interactive: bool, stats: bool, model_name: str):
+        self.session, self.interactive, self.stats, self.model_name = session, interactive, stats, model_name
+        self.interrupted_last = False  # a Ctrl-C just happened: the next one at the prompt exits
+
+    def read(self, prompt: str) -> str | None:
+        """One line of input; None at end of input."""
+        try:
+            line = input(prompt) if self.interactive else sys.stdin.readline()
+        except EOFError:
+            return None
+        if not self.interactive:
+            if line == "":
+                return None
+            line = line.rstrip("\n")
+        return line
+
+    def read_message(self) -> str | None:
+        """A message: one line, or a block between lines starting and ending with three double quotes."""
+        line = self.read(">>> " if self.interactive else "")
+        if line is None or not line.lstrip().startswith('"""'):
+            return line
+        first = line.lstrip()[3:]
+        if first.rstrip().endswith('"""'):  # """one line"""
+            return first.rstrip()[:-3]
+        lines = [first] if first else []
+        while True:
+            line = self.read("... " if self.interactive else "")
+            if line is None:
+                return "\n".join(lines)
+            if line.rstrip().endswith('"""'):
+                lines.append(line.rstrip()[:-3])
+                return "\n".join(lines).rstrip("\n")
+            lines.append(line)
+
+    def loop(self) -> int:
+        while True:
+            try:
+                message = self.read_message()
+            except KeyboardInterrupt:
+                if self.interrupted_last or not self.interactive:
+                    print(file=sys.stderr)
+                    return 0
+                self.interrupted_last = True
+                eprint("\n(Ctrl-C again or Ctrl-D to exit)")
+                continue
+            if message is None:
+                if self.interactive:
+                    print()
+                return 0
+            self.interrupted_last = False
+            if not message.strip():
+                continue
+            if message.startswith("/") and not message.startswith("//"):
+                if self.command(message) == "exit":
+                    return 0
+                continue
+            self.reply(message[1:] if message.startswith("//") else message)
+
+    def reply(self, message: str) -> None:
+        from minillama.chat import ContextFull
+
+        session = self.session
+        try:
+            for piece in session.send(message):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            self.interrupted_last = True
+            print(flush=True)
+            eprint("[reply stopped; Ctrl-C again at the prompt exits]")
+        except ContextFull as e:
+            eprint(f"context full: {e}")
+            return
+        else:
+            print(flush=True)
+        st = session.last_stats
+        if st is not None and st.stop_reason == "context":
+            eprint(f"context full: the reply reached the end of the {session.context}-token context; "
+                   "/save the conversation if you like, then /clear to go on")
+        if self.stats and st is not None and (self.interactive or st.generated_tokens):
+            eprint(st.line())
+
+    def command(self, line: str) -> str | None:
+        from minillama.chat import write_json_atomic
+
+        name, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        session = self.session
+        if name in ("/exit", "/quit", "/bye"):
+            return "exit"
+        if name in ("/help", "/?"):
+            eprint(HELP)
+        elif name == "/clear":
+            session.clear()
+            eprint("[conversation cleared]")
+        elif name == "/system":
+            session.set_system(arg)
+            eprint(f"[system prompt {'set' if arg else 'removed'}]")
+        elif name == "/save":
+            if not arg:
+                eprint("usage: /save FILE")
+                return None
+            try:
+                path = write_json_atomic(arg, session.transcript(model=self.model_name))
+            except (MinillamaError, OSError) as e:
+                eprint(f"could not save: {e}")
+                return None
+            eprint(f"[saved {len(session.messages)} messages to {path}]")
+        elif name == "/load":
+            if not arg:
+                eprint("usage: /load FILE")
+                return None
+            try:
+                session.load_transcript(read_transcript(arg))
+            except MinillamaError as e:
+                eprint(f"could not load: {e}")
+                return None
+            eprint(f"[loaded {len(session.messages)} messages from {arg}]")
+        else:
+            eprint(f"unknown command {name}; /help lists them (start a message with // to send a literal /)")
+        return None

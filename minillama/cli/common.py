@@ -1,0 +1,92 @@
+"""Arguments and loading shared by the subcommands that run a model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minillama.hub import DEFAULT_MODEL
+
+
+def add_model_args(p: argparse.ArgumentParser, optional_model: bool = True) -> None:
+    """MODEL (a directory, a hub id org/name, or the default model's name), --device, --dtype, --offline."""
+    if optional_model:
+        p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                       help=f"model directory, hub id (org/name) or {DEFAULT_MODEL!r} (default)")
+    else:
+        p.add_argument("model", help=f"model directory, hub id (org/name) or {DEFAULT_MODEL!r}")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's on a GPU, float32 on CPU)")
+    p.add_argument("--offline", action="store_true", help="use only files already downloaded (also HF_HUB_OFFLINE=1)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Sampling flags; anything left out comes from the model's generation_config.json."""
+    g = p.add_argument_group("sampling (defaults from the model's generation_config.json)")
+    g.add_argument("--temperature", "--temp", type=float, help="0 means greedy")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, help="keep the smallest set reaching probability p (1: off)")
+    g.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability (0: off)")
+    g.add_argument("--repetition-penalty", "--repeat-penalty", type=float, help="> 1 discourages repeats (1: off)")
+    g.add_argument("--max-new-tokens", "-n", type=int, help="the most tokens in one reply")
+    g.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    """The sampling flags the user gave, as GenerationConfig fields (None: keep the model's default)."""
+    overrides = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                     repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens)
+    if args.greedy:
+        overrides["do_sample"] = False
+    elif args.temperature is not None and args.temperature > 0:
+        overrides["do_sample"] = True  # asking for a temperature means asking to sample
+    return overrides
+
+
+@dataclass
+class Loaded:
+    path: Path
+    model: torch.nn.Module
+    tokenizer: object
+    generation_config: object
+    load_seconds: float
+
+
+def load_all(args: argparse.Namespace) -> Loaded:
+    """Resolve MODEL, then load model, tokenizer and generation defaults (with the user's overrides).
+
+    Settings are checked before the weights are read, so a bad flag fails fast.
+    """
+    import time
+
+    from minillama.checkpoint import load_model, resolve_device
+    from minillama.generation import GenerationConfig
+    from minillama.hub import resolve_model
+    from minillama.tokenizer import load_tokenizer
+
+    device = resolve_device(args.device)
+    path = resolve_model(args.model, offline=args.offline)
+    generation_config = GenerationConfig.from_model_dir(path).updated(**sampling_overrides(args))
+    tokenizer = load_tokenizer(path)
+    start = time.perf_counter()
+    model = load_model(path, device=device, dtype=args.dtype)
+    return Loaded(path, model, tokenizer, generation_config, time.perf_counter() - start)
+
+
+def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A torch.Generator on the model's device: seeded if asked, fresh entropy otherwise."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def eprint(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)

@@ -1,0 +1,56 @@
+"""`minillama generate [MODEL] --prompt TEXT`: one completion, streamed to stdout; stats go to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from minillama.cli.common import add_model_args, add_sampling_args, eprint, load_all, make_generator
+from minillama.errors import MinillamaError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="complete one prompt and print only the completion",
+                       description=__doc__)
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--prompt", "-p", required=True, help="the user message (or the raw text with --raw); "
+                                                         "- reads it from stdin")
+    p.add_argument("--system", help="system prompt (chat template only)")
+    p.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
+    p.add_argument("--stop", action="append", help="stop when the completion contains this text (repeatable)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from minillama.generation import generate
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise MinillamaError("the prompt is empty; pass --prompt TEXT")
+    loaded = load_all(args)
+    tok = loaded.tokenizer
+    if args.raw:
+        ids = tok.encode(prompt, add_special_tokens=True)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": prompt}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    config = loaded.generation_config
+    generation = generate(loaded.model, ids, config, generator=make_generator(loaded.model.device, args.seed),
+                          tokenizer=tok, stop_strings=args.stop)
+    stream = tok.stream_decoder(skip_special_tokens=True)
+    start = time.perf_counter()
+    first = None
+    for token in generation:
+        first = first or time.perf_counter()
+        print(stream.push(token), end="", flush=True)
+    print(stream.flush(), flush=True)
+    end = time.perf_counter()
+    n = len(generation.tokens[0])
+    prefill = (first or end) - start
+    decode = end - (first or end)
+    eprint(f"[prompt: {len(ids)} tokens, {len(ids) / prefill if prefill else 0:.1f} tok/s | "
+           f"completion: {n} tokens, {(n - 1) / decode if decode else 0:.1f} tok/s | stop: {generation.stop_reason}]")
+    return 0
