@@ -1,10 +1,23 @@
-"""minillama: a from-scratch, readable Llama decoder that loads Hugging Face checkpoints and chats."""
+"""minillama: a from-scratch, readable Llama decoder that loads Hugging Face checkpoints and chats.
+
+    model = minillama.load_model("path/to/model")          # or minillama.resolve_model("org/name")
+    tokenizer = minillama.load_tokenizer("path/to/model")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi!"}], tokenize=True)
+    for token in minillama.generate(model, ids, max_new_tokens=50):
+        ...
+"""
 
 from minillama.capture import capture
 from minillama.checkpoint import load_model
 from minillama.config import LlamaConfig
 from minillama.errors import MinillamaError
+from minillama.generation import GenerationConfig, generate
+from minillama.hub import resolve_model
 from minillama.kv_cache import KVCache
 from minillama.model import LlamaForCausalLM
+from minillama.pipeline import ChatPipeline
+from minillama.pipeline import pipeline as pipeline  # noqa: PLC0414  (the function; the module stays importable)
+from minillama.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["capture", "LlamaConfig", "LlamaForCausalLM", "KVCache", "MinillamaError", "load_model"]
+__all__ = ["ChatPipeline", "GenerationConfig", "KVCache", "LlamaConfig", "LlamaForCausalLM", "MinillamaError",
+           "Tokenizer", "capture", "generate", "load_model", "load_tokenizer", "pipeline", "resolve_model"]

