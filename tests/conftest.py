@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,21 @@ def llama32_tokenizer_dir() -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory, llama32_tokenizer_dir) -> Path:
+    """A tiny random model whose directory also holds the real Llama 3.2 tokenizer files, so the chat
+    template, the special tokens and the eos list are real while each reply costs milliseconds."""
+    path = make_hf_checkpoint(tmp_path_factory.mktemp("chat-model"), seed=11, vocab_size=128256, hidden_size=32,
+                              intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                              tie_word_embeddings=True, max_position_embeddings=4096)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama32_tokenizer_dir / name, path / name)
+    # Llama 3 Instruct's stop list; a random model rarely says any of them, so replies run to the limit.
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 128009],
+                                                             "do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,70 @@
+"""scripts/chat.py, the chat loop written by hand, must produce exactly what `minillama.generate` produces.
+
+Run as a learner runs it (a subprocess) on the tiny random model with the real Llama 3.2 tokenizer.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import minillama
+from minillama.generation import GenerationConfig
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "chat.py"
+
+
+def run_script(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], input=stdin, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_greedy_reply_is_generate_and_verbose_shows_each_stage(chat_model):
+    r = run_script(str(chat_model), "--prompt", "Name a color", "--temperature", "0", "-n", "8", "--verbose",
+                   "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    model, tok = minillama.load_model(chat_model, device="cpu"), minillama.load_tokenizer(chat_model)
+    messages = [{"role": "user", "content": "Name a color"}]
+    ids = tok.apply_chat_template(messages, tokenize=True)
+    config = GenerationConfig.from_model_dir(chat_model).updated(do_sample=False, max_new_tokens=8)
+    generated = list(minillama.generate(model, ids, config))
+    assert r.stdout == tok.decode(generated, skip_special_tokens=True) + "\n"  # --verbose leaves stdout alone
+
+    # the stages, on stderr: rendered prompt, token table, each sampled id, timing
+    assert tok.apply_chat_template(messages) in r.stderr
+    table = r.stderr.split("index      id  piece\n", 1)[1].split("[sampled", 1)[0]
+    rows = [re.match(r"\s*(\d+)\s+(\d+)  (.*)$", line).groups() for line in table.splitlines()]
+    assert [int(i) for i, _, _ in rows] == list(range(len(ids)))
+    assert [int(id_) for _, id_, _ in rows] == ids
+    assert rows[0][2] == "<|begin_of_text|>" and "↵↵" in rows[4][2]  # pieces with visible whitespace
+    assert [int(t) for t in re.findall(r"^\[sampled (\d+) ", r.stderr, re.M)] == generated
+    assert "[prefill: " in r.stderr
+
+
+def test_piped_conversation_with_seeded_sampling_is_generate(chat_model):
+    """Each stdin line is a turn; the reply to the second sees the first; sampling matches generate's."""
+    r = run_script(str(chat_model), "--system", "Be brief.", "--seed", "5", "--temperature", "0.8", "--top-p", "0.9",
+                   "-n", "6", "--device", "cpu", stdin="Hello\n\nTell me more\n")
+    assert r.returncode == 0, r.stderr
+    model, tok = minillama.load_model(chat_model, device="cpu"), minillama.load_tokenizer(chat_model)
+    config = GenerationConfig.from_model_dir(chat_model).updated(do_sample=True, temperature=0.8, top_p=0.9,
+                                                                 max_new_tokens=6)
+    generator = torch.Generator().manual_seed(5)  # one generator for the whole conversation, as in the script
+    messages, expected = [{"role": "system", "content": "Be brief."}], ""
+    for question in ("Hello", "Tell me more"):
+        messages.append({"role": "user", "content": question})
+        ids = tok.apply_chat_template(messages, tokenize=True)
+        answer = tok.decode(list(minillama.generate(model, ids, config, generator=generator)), skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": answer})
+        expected += answer + "\n"
+    assert r.stdout == expected
+
+
+def test_bad_model_path_exits_2_with_one_line(tmp_path):
+    r = run_script(str(tmp_path / "nowhere"), "--prompt", "hi")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("chat.py: error: ")
