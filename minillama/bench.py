@@ -1,0 +1,412 @@
+"""Benchmark minillama against transformers on the same model, prompt and settings, in one run.
+
+Each side runs in its own subprocess (`python -m minillama.bench --worker SPEC`), so one side's imports,
+peak memory and compiled code never touch the other's figures. Per side:
+
+    load_s         reading the checkpoint onto the device (minillama: plus fusing its projections)
+    warmup_s       first runs before timing (compilation, CUDA graph capture)
+    prompt_tok_s   prompt tokens / time of one prefill forward (last position's logits only)
+    ttft_s         time to first token of a generate call
+    decode_tok_s   (new tokens - 1) / time from the first token to the last, bs=1, greedy, eos disabled
+    peak_mem_mb    CUDA max allocated, or the process's peak RSS on CPU (imports included)
+    bandwidth_fraction  decode_tok_s * weight bytes / the measured device copy bandwidth
+
+`minillama bench --config scripts/configs/llama-3.2-1b.json` needs no download: it writes a randomly
+initialised checkpoint of that shape to a temporary directory and loads both sides from it.
+transformers is imported only inside its worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minillama.errors import MinillamaError
+
+# A tiny shape for smoke tests of the benchmark itself (`--tiny`).
+TINY_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
+               "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "head_dim": 16, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+               "tie_word_embeddings": True}
+
+RESULT_MARK = "BENCH_RESULT "
+
+
+# ---- A random checkpoint from a config file ---------------------------------------------------------
+
+def write_random_checkpoint(config: dict[str, Any], out_dir: Path, dtype: torch.dtype, seed: int = 0) -> Path:
+    """Save a randomly initialised model of this config (normal(0, 0.02) weights, unit norms) as a HF checkpoint."""
+    from safetensors.torch import save_file
+
+    from minillama.config import LlamaConfig
+    from minillama.model import LlamaForCausalLM
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    config = {**config, "torch_dtype": dtype_name, "model_type": config.get("model_type", "llama"),
+              "architectures": config.get("architectures", ["LlamaForCausalLM"])}
+    model = LlamaForCausalLM(LlamaConfig.from_dict(config)).to(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # the tied lm_head is listed once, as the embedding
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=generator)
+            state[name] = p.detach().contiguous()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+# ---- The workers: one side each, in a fresh process --------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """(peak MB, what was measured): CUDA max allocated, or this process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    try:
+        import resource  # Unix: the kernel's own record of the peak (psutil only sees the current RSS)
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_rss"
+    except ImportError:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20, "rss"
+
+
+def _prompt(spec: dict[str, Any], vocab_size: int) -> torch.Tensor:
+    """The same random prompt (1, P) on both sides."""
+    generator = torch.Generator().manual_seed(spec["seed"])
+    return torch.randint(0, vocab_size, (1, spec["prompt_len"]), generator=generator)
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def run_minillama(spec: dict[str, Any]) -> dict[str, Any]:
+    """Load with minillama and time prefill, first token and decode (the fast path unless spec['fast'] is False)."""
+    from minillama.checkpoint import load_model, resolve_device
+    from minillama.fast import FastDecoder
+    from minillama.generation import generate
+
+    device = resolve_device(spec["device"])
+    P, N = spec["prompt_len"], spec["new_tokens"]
+    start = time.perf_counter()
+    model = load_model(spec["model"], device=device, dtype=spec["dtype"])
+    fast = FastDecoder(model, max_seq_len=P + N, compile=spec["compile"]) if spec["fast"] else None
+    _sync(device)
+    load_s = time.perf_counter() - start
+    prompt = _prompt(spec, model.config.vocab_size).to(device)
+
+    def run_generate(n: int) -> tuple[list[int], list[float]]:
+        """Generate n tokens; return them with the time each one reached the caller."""
+        tokens = fast.generate(prompt, n) if fast is not None else generate(model, prompt, max_new_tokens=n,
+                                                                           eos_token_id=[])
+        ids, stamps = [], []
+        for token in tokens:
+            ids.append(token)
+            stamps.append(time.perf_counter())
+        return ids, stamps
+
+    @torch.inference_mode()
+    def prefill() -> None:
+        if fast is not None:
+            fast.prefill(prompt)
+        else:  # what generation.py runs: the full forward into a fresh cache
+            model(prompt, cache=model.new_cache(1, P + N))
+
+    start = time.perf_counter()
+    if fast is not None:
+        fast.warmup()
+    run_generate(min(N, 4))
+    prefill()
+    _sync(device)
+    warmup_s = time.perf_counter() - start
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+    return {"load_s": load_s, "warmup_s": warmup_s, "weight_bytes": weight_bytes,
+            **_measure(spec, device, prefill, run_generate)}
+
+
+def _measure(spec: dict[str, Any], device: torch.device, prefill, run_generate) -> dict[str, Any]:
+    """Median over spec['repeats'] runs of: one prefill, then one generate of N tokens, stamped per token."""
+    P, N = spec["prompt_len"], spec["new_tokens"]
+    prompt_s, ttft_s, decode_s = [], [], []
+    for _ in range(spec["repeats"]):
+        prompt_s.append(_timed(prefill, device))
+        start = time.perf_counter()
+        tokens, stamps = run_generate(N)
+        if len(tokens) != N:
+            raise MinillamaError(f"generated {len(tokens)} tokens instead of {N}")
+        ttft_s.append(stamps[0] - start)
+        decode_s.append(stamps[-1] - stamps[0])
+    median = statistics.median
+    return {"prompt_tok_s": P / median(prompt_s), "ttft_s": median(ttft_s),
+            "decode_tok_s": (N - 1) / median(decode_s) if N > 1 else None, "tokens": tokens}
+
+
+def run_transformers(spec: dict[str, Any]) -> dict[str, Any]:
+    """The reference: transformers' generate, eager or with its static cache (which it compiles on a GPU)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    from minillama.checkpoint import DTYPES, resolve_device
+
+    transformers.logging.set_verbosity_error()
+    device = resolve_device(spec["device"])
+    dtype = DTYPES[spec["dtype"]]
+    P, N = spec["prompt_len"], spec["new_tokens"]
+    start = time.perf_counter()
+    try:  # straight onto the device, as users load it (needs accelerate)
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, device_map=str(device))
+    except (ImportError, ValueError):
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype).to(device)
+    model.eval()
+    _sync(device)
+    load_s = time.perf_counter() - start
+    prompt = _prompt(spec, model.config.vocab_size).to(device)
+    static = spec["side"] == "transformers-static"
+
+    class Stamps(BaseStreamer):
+        """Records each streamed token and when it arrived; generate's first `put` is the prompt."""
+
+        def __init__(self) -> None:
+            self.tokens: list[int] = []
+            self.stamps: list[float] = []
+            self.seen_prompt = False
+
+        def put(self, value: torch.Tensor) -> None:
+            if not self.seen_prompt:
+                self.seen_prompt = True
+                return
+            now = time.perf_counter()
+            for token in value.reshape(-1).tolist():
+                self.tokens.append(token)
+                self.stamps.append(now)
+
+        def end(self) -> None:
+            pass
+
+    def run_generate(n: int) -> tuple[list[int], list[float]]:
+        """generate() with eos disabled (min_new_tokens = max_new_tokens); tokens and their arrival times.
+
+        On a GPU, transformers streams one step behind (it copies tokens asynchronously), so its TTFT
+        includes one decode step.
+        """
+        stamps = Stamps()
+        with torch.inference_mode():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0, streamer=stamps,
+                           **({"cache_implementation": "static"} if static else {}))
+        return stamps.tokens, stamps.stamps
+
+    @torch.inference_mode()
+    def prefill() -> None:
+        model(prompt, logits_to_keep=1)
+
+    start = time.perf_counter()
+    # The static path compiles for this exact cache length (prompt + new tokens): warm up with the real run.
+    run_generate(N if static else min(N, 4))
+    prefill()
+    _sync(device)
+    warmup_s = time.perf_counter() - start
+    return {"load_s": load_s, "warmup_s": warmup_s, **_measure(spec, device, prefill, run_generate)}
+
+
+def run_copy(spec: dict[str, Any]) -> dict[str, Any]:
+    """The device's copy bandwidth: bytes read + written per second by a large tensor copy."""
+    from minillama.checkpoint import resolve_device
+
+    device = resolve_device(spec["device"])
+    n_bytes = spec.get("copy_bytes") or (2**30 if device.type == "cuda" else 2**28)
+    src = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    iters = 20 if device.type == "cuda" else 5
+    seconds = _timed(lambda: [dst.copy_(src) for _ in range(iters)], device)
+    return {"copy_gb_s": 2 * n_bytes * iters / seconds / 1e9}
+
+
+WORKERS = {"minillama": run_minillama, "transformers": run_transformers, "transformers-static": run_transformers,
+           "copy": run_copy}
+
+
+def worker_main(spec_json: str) -> None:
+    """Run one side and print its figures as one JSON line after RESULT_MARK."""
+    spec = json.loads(spec_json)
+    from minillama.checkpoint import resolve_device
+
+    device = resolve_device(spec["device"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result = WORKERS[spec["side"]](spec)
+    if spec["side"] != "copy":
+        result["peak_mem_mb"], result["mem_kind"] = _peak_memory_mb(device)
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+def run_worker(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run one side in a fresh Python process and return its figures."""
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[1])  # so the child imports this same minillama
+    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, "-m", "minillama.bench", "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise MinillamaError(f"the {spec['side']} side failed (exit code {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1][len(RESULT_MARK):])
+
+
+# ---- The parent: run every side, then report ---------------------------------------------------------
+
+def default_sides(device: torch.device) -> list[str]:
+    """minillama and transformers eager everywhere; on a GPU also transformers' compiled static-cache path."""
+    return ["minillama", "transformers-static", "transformers"] if device.type == "cuda" else ["minillama", "transformers"]
+
+
+def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None, device: str | None = None,
+              dtype: str | None = None, prompt_len: int = 512, new_tokens: int = 256, repeats: int = 1,
+              sides: list[str] | None = None, fast: bool = True, compile: bool | None = None, seed: int = 0,
+              progress=None) -> list[dict[str, Any]]:
+    """Benchmark every side; returns one record per figure ({"figure", "side", "value", "unit", ...}).
+
+    model:  a checkpoint directory, or None with `config` (a config.json dict) to benchmark random weights.
+    """
+    from minillama.checkpoint import resolve_device, resolve_dtype
+    from minillama.config import LlamaConfig
+
+    dev = resolve_device(device)
+    sides = sides or default_sides(dev)
+    unknown = [s for s in sides if s not in WORKERS or s == "copy"]
+    if unknown:
+        raise MinillamaError(f"unknown side {unknown[0]!r}; choose from minillama, transformers, transformers-static")
+    if prompt_len < 1 or new_tokens < 1 or repeats < 1:
+        raise MinillamaError("--prompt-len, --new-tokens and --repeats must be at least 1")
+    progress = progress or (lambda message: None)
+    with tempfile.TemporaryDirectory(prefix="minillama-bench-") as tmp:
+        if model is None:
+            if config is None:
+                raise MinillamaError("give a model directory or a config file (--config / --tiny)")
+            model_config = LlamaConfig.from_dict(config, source="the --config file")
+            torch_dtype = resolve_dtype(dtype, model_config, dev)
+            progress(f"writing a random {model_config.num_hidden_layers}-layer checkpoint to {tmp}")
+            model_dir = write_random_checkpoint(config, Path(tmp) / "model", torch_dtype, seed)
+            name = f"random:{config.get('_name_or_path', 'config')}"
+        else:
+            model_dir = Path(model)
+            model_config = LlamaConfig.from_file(model_dir)
+            torch_dtype = resolve_dtype(dtype, model_config, dev)
+            name = str(model)
+        if prompt_len + new_tokens > model_config.max_position_embeddings:
+            raise MinillamaError(f"prompt {prompt_len} + {new_tokens} new tokens exceed the model's context of "
+                                 f"{model_config.max_position_embeddings}")
+        base = {"device": str(dev), "dtype": str(torch_dtype).removeprefix("torch."), "model": str(model_dir),
+                "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "seed": seed,
+                "fast": fast, "compile": compile}
+        progress("measuring the copy bandwidth")
+        copy = run_worker({**base, "side": "copy"})
+        results = {}
+        for side in sides:
+            progress(f"running {side}")
+            results[side] = run_worker({**base, "side": side})
+    context = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+               "dtype": base["dtype"], "model": name, "prompt_len": prompt_len, "new_tokens": new_tokens,
+               "fast": fast}
+    return figures(results, copy["copy_gb_s"], context)
+
+
+UNITS = {"load_s": "s", "warmup_s": "s", "prompt_tok_s": "tok/s", "ttft_s": "s", "decode_tok_s": "tok/s",
+         "peak_mem_mb": "MB", "bandwidth_fraction": ""}
+
+
+def figures(results: dict[str, dict[str, Any]], copy_gb_s: float, context: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flatten per-side results into figure records, add ratios (minillama / each reference) and bandwidth use."""
+    records: list[dict[str, Any]] = [{"figure": "copy_gb_s", "side": "device", "value": copy_gb_s, "unit": "GB/s",
+                                      **context}]
+    weight_bytes = results.get("minillama", {}).get("weight_bytes")
+    for side, r in results.items():
+        if weight_bytes and r.get("decode_tok_s"):
+            r["bandwidth_fraction"] = r["decode_tok_s"] * weight_bytes / (copy_gb_s * 1e9)
+        for key, unit in UNITS.items():
+            if r.get(key) is not None:
+                extra = {"mem_kind": r["mem_kind"]} if key == "peak_mem_mb" else {}
+                records.append({"figure": key, "side": side, "value": r[key], "unit": unit, **extra, **context})
+    if weight_bytes:
+        records.append({"figure": "weight_bytes", "side": "minillama", "value": weight_bytes, "unit": "B", **context})
+    mine = results.get("minillama")
+    for ref, r in results.items():
+        if mine is None or ref == "minillama":
+            continue
+        for key in ("decode_tok_s", "prompt_tok_s", "ttft_s", "load_s", "peak_mem_mb"):
+            if mine.get(key) and r.get(key):
+                better = "higher" if key.endswith("tok_s") else "lower"
+                records.append({"figure": key.removesuffix("_tok_s").removesuffix("_s") + "_ratio",
+                                "side": f"minillama/{ref}", "value": mine[key] / r[key], "unit": "x",
+                                "better": better, **context})
+        same = 0
+        for a, b in zip(mine["tokens"], r["tokens"]):
+            if a != b:
+                break
+            same += 1
+        records.append({"figure": "tokens_agree", "side": f"minillama/{ref}", "value": same, "unit": "tokens",
+                        **context})
+    return records
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """The figures as a human-readable table: one row per side, then the ratios."""
+    ctx = records[0]
+    lines = [f"minillama bench: {ctx['device']}, {ctx['dtype']}, {ctx['model']}, prompt {ctx['prompt_len']} tokens, "
+             f"{ctx['new_tokens']} new tokens, bs=1 greedy" + ("" if ctx["fast"] else " (fast path off)"),
+             f"copy bandwidth: {ctx['value']:.1f} GB/s"]
+    columns = [("load_s", "load s", "{:.2f}"), ("warmup_s", "warm-up s", "{:.1f}"),
+               ("prompt_tok_s", "prompt tok/s", "{:.1f}"), ("ttft_s", "TTFT ms", "{:.1f}"),
+               ("decode_tok_s", "decode tok/s", "{:.1f}"), ("peak_mem_mb", "peak MB", "{:.0f}"),
+               ("bandwidth_fraction", "of copy bw", "{:.1%}")]
+    sides = [r["side"] for r in records if r["figure"] == "load_s"]
+    lines.append(f"{'side':<20}" + "".join(f"{title:>14}" for _, title, _ in columns))
+    for side in sides:
+        row = f"{side:<20}"
+        for key, _, fmt in columns:
+            value = next((r["value"] for r in records if r["figure"] == key and r["side"] == side), None)
+            if key == "ttft_s" and value is not None:
+                value *= 1000
+            row += f"{'-' if value is None else fmt.format(value):>14}"
+        lines.append(row)
+    for r in records:
+        if r["figure"].endswith("_ratio"):
+            lines.append(f"{r['side']:<36} {r['figure']:<14} {r['value']:.2f}x ({r['better']} is better)")
+        elif r["figure"] == "tokens_agree":
+            lines.append(f"{r['side']:<36} greedy tokens agree for the first {r['value']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="internal: one benchmark side (used by `minillama bench`)")
+    parser.add_argument("--worker", required=True, help="the side's settings as JSON")
+    worker_main(parser.parse_args().worker)

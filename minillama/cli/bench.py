@@ -1,0 +1,96 @@
+"""`minillama bench [MODEL | --config FILE | --tiny]`: minillama vs transformers, same model and prompt, one run.
+
+Reports load time, warm-up, prompt tok/s, time to first token, decode tok/s (bs=1, greedy, eos disabled),
+peak memory and the fraction of the measured copy bandwidth, per side, then ratios minillama / transformers.
+Each side runs in its own process. `--json` prints one JSON object per figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark minillama against transformers", description=__doc__)
+    p.add_argument("model", nargs="?", help="model directory, hub id or the default model's name "
+                                            "(or use --config / --tiny for random weights)")
+    p.add_argument("--config", help="a config.json whose shape to benchmark with random weights "
+                                    "(e.g. scripts/configs/llama-3.2-1b.json); nothing is downloaded")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model: a smoke test of the benchmark")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's on a GPU, float32 on CPU)")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (random ids; default 512)")
+    p.add_argument("--new-tokens", "-n", type=int, default=256, help="tokens to decode (default 256)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per side; the median is reported (default 1)")
+    p.add_argument("--sides", help="comma-separated: minillama, transformers, transformers-static "
+                                   "(default: minillama,transformers; on CUDA also transformers-static)")
+    p.add_argument("--no-fast", action="store_true", help="time minillama's regular generate() instead of the "
+                                                          "fast decode path")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile minillama's decode step (auto: on CUDA only, or MINILLAMA_COMPILE)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt and random weights")
+    p.add_argument("--offline", action="store_true", help="use only files already downloaded")
+    p.add_argument("--json", action="store_true", help="one JSON object per line, one line per figure")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from minillama.bench import TINY_CONFIG, run_bench
+    from minillama.errors import MinillamaError
+
+    if sum(bool(x) for x in (args.model, args.config, args.tiny)) > 1:
+        raise MinillamaError("give one of MODEL, --config FILE or --tiny")
+    config = None
+    model = None
+    if args.tiny:
+        config = {**TINY_CONFIG, "_name_or_path": "tiny"}
+    elif args.config:
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise MinillamaError(f"{args.config}: cannot read the config ({e})") from None
+        if not isinstance(config, dict):
+            raise MinillamaError(f"{args.config}: expected a JSON object")
+        config.setdefault("_name_or_path", args.config)
+    else:
+        from minillama.hub import DEFAULT_MODEL, resolve_model
+
+        model = resolve_model(args.model or DEFAULT_MODEL, offline=args.offline)
+
+    def progress(message: str) -> None:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+    records = run_bench(model, config=config, device=args.device, dtype=args.dtype, prompt_len=args.prompt_len,
+                        new_tokens=args.new_tokens, repeats=args.repeats,
+                        sides=args.sides.split(",") if args.sides else None, fast=not args.no_fast,
+                        compile={"auto": None, "on": True, "off": False}[args.compile], seed=args.seed,
+                        progress=progress)
+    if args.json:
+        for record in records:
+            print(json.dumps(record), flush=True)
+    else:
+        from minillama.bench import format_table
+
+        print(format_table(records))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m minillama.cli.bench ...`: the bench alone, without the other subcommands' imports."""
+    from minillama.errors import MinillamaError
+
+    parser = argparse.ArgumentParser(prog="minillama bench")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except MinillamaError as e:
+        print(f"minillama bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""The fast bs=1 decode path: static shapes, fused projections, compiled (CUDA graphs on a GPU).
+
+`model.py` is the readable decoder. This file computes the same thing one token at a time, arranged so that
+`torch.compile` can turn a whole decode step into one graph that CUDA replays with no Python in between:
+
+- Static shapes. The KV cache (`minillama.kv_cache` buffers) is allocated once at `max_seq_len`. A step writes
+  its key and value at a *tensor* position with `index_copy_` and attends over the whole buffer under a mask
+  (slot <= position), so no shape depends on the step number and one compiled graph serves every step.
+- Fused projections (`fuse_projections`): q, k and v are one matmul, gate and up another. The model keeps its
+  parameter names; its q/k/v and gate/up weights become views into the fused tensors, so no memory is doubled.
+- No host synchronisation per token. The next token is chosen on the device and written straight into the
+  step's input buffer; tokens travel to the host through pinned buffers a few steps behind (`lag`), so the
+  GPU always has work queued while Python checks for eos.
+- Prefill runs the model's own forward (SDPA: flash kernels on a GPU) into the same cache.
+
+Shapes follow model.py's legend (B=1 here, T=1 in a step, S = max_seq_len: every cache slot).
+Design notes and measurements: docs/fast-path.md, docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minillama.errors import MinillamaError
+from minillama.model import LlamaForCausalLM, LlamaRMSNorm, attention_mask
+from minillama.sampling import SamplingSettings, next_token, seen_tokens
+
+
+# ---- Fused projections ------------------------------------------------------------------------------
+
+class FusedProjections(nn.Module):
+    """One layer's fused weights: [q; k; v] and [gate; up], stacked along the output dim.
+
+    The layer's own q/k/v/gate/up Linear weights are views into these tensors (see `fuse_projections`).
+    """
+
+    def __init__(self, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
+                 gate_up_weight: torch.Tensor, gate_up_bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("qkv_weight", qkv_weight, persistent=False)  # ((H + 2 Hkv) D, C)
+        self.register_buffer("qkv_bias", qkv_bias, persistent=False)  # ((H + 2 Hkv) D,) or None
+        self.register_buffer("gate_up_weight", gate_up_weight, persistent=False)  # (2 F, C)
+        self.register_buffer("gate_up_bias", gate_up_bias, persistent=False)  # (2 F,) or None
+
+
+def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the Linears' weights (and biases) along the output dim and make each Linear's
+    parameters views of the result, so the separate copies are freed and the names stay as they were."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])  # (sum of out, C)
+    bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
+    start = 0
+    for lin in linears:
+        end = start + lin.out_features
+        lin.weight = nn.Parameter(weight[start:end], requires_grad=lin.weight.requires_grad)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[start:end], requires_grad=lin.bias.requires_grad)
+        start = end
+    return weight, bias
+
+
+def _is_fused(fused: FusedProjections, layer: nn.Module) -> bool:
+    """True while the layer's weights still live inside `fused` (a later load_state_dict(assign=True) breaks this)."""
+    a, m = layer.self_attn, layer.mlp
+    return (a.q_proj.weight.data_ptr() == fused.qkv_weight.data_ptr()
+            and m.gate_proj.weight.data_ptr() == fused.gate_up_weight.data_ptr())
+
+
+@torch.no_grad()
+def fuse_projections(model: LlamaForCausalLM) -> nn.ModuleList:
+    """Fuse every layer's q/k/v and gate/up projections; returns one `FusedProjections` per layer.
+
+    The fusion happens in place but invisibly: parameter names, values and the eager forward are unchanged
+    (each `q_proj.weight` etc. becomes a contiguous slice of the fused tensor), and the extra memory is one
+    layer's projections for a moment. Calling it again returns the same fused tensors.
+    Caveat: `safetensors.torch.save_file(model.state_dict())` refuses tensors that share storage; use
+    `safetensors.torch.save_model`, or save before fusing.
+    """
+    cached = getattr(model, "_minillama_fused", None)
+    if cached is not None and all(_is_fused(f, layer) for f, layer in zip(cached, model.model.layers)):
+        return cached
+    fused = nn.ModuleList()
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        qkv_w, qkv_b = _fuse([a.q_proj, a.k_proj, a.v_proj])
+        gate_up_w, gate_up_b = _fuse([m.gate_proj, m.up_proj])
+        fused.append(FusedProjections(qkv_w, qkv_b, gate_up_w, gate_up_b))
+    object.__setattr__(model, "_minillama_fused", fused)  # a plain attribute: not a submodule, not saved
+    return fused
+
+
+# ---- Weight layout on CPU ---------------------------------------------------------------------------
+# A bs=1 step multiplies a vector by each weight. On CPU (MKL, 2 cores measured) x @ W.T runs at ~16 GB/s when
+# W (out, in) is stored row by row as PyTorch does, but at ~21-27 GB/s when the same values are stored column by
+# column ((in, out) contiguous, W a transposed view of it): the head alone went from 7.2 ms to 4.0 ms per token.
+
+def _store_input_major(param: nn.Parameter) -> nn.Parameter:
+    """The same (out, in) values, stored as a contiguous (in, out) tensor viewed transposed."""
+    if param.t().is_contiguous():
+        return param
+    return nn.Parameter(param.detach().t().contiguous().t(), requires_grad=param.requires_grad)
+
+
+@torch.no_grad()
+def store_weights_input_major(model: LlamaForCausalLM, fused: nn.ModuleList | None = None) -> None:
+    """Re-lay every matrix of the decoder (fused ones included) input-major, in place and one at a time.
+
+    Names, shapes and values stay; only strides change (parameters become transposed views), so the regular
+    forward still works and computes the same sums. Tied embeddings stay tied (one tensor, re-laid once).
+    Caveat: such parameters are not contiguous; call `.contiguous()` before saving them with safetensors.
+    """
+    if fused is not None:
+        for f, layer in zip(fused, model.model.layers):
+            a, m = layer.self_attn, layer.mlp
+            for name, parts in (("qkv_weight", [a.q_proj, a.k_proj, a.v_proj]),
+                                ("gate_up_weight", [m.gate_proj, m.up_proj])):
+                weight = getattr(f, name)
+                if weight.t().is_contiguous():
+                    continue
+                weight = weight.t().contiguous().t()  # ((sum of out), C) viewing a contiguous (C, sum of out)
+                setattr(f, name, weight)
+                start = 0
+                for lin in parts:  # the separate Linears stay views of the fused tensor
+                    end = start + lin.out_features
+                    lin.weight = nn.Parameter(weight[start:end], requires_grad=lin.weight.requires_grad)
+                    start = end
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        for lin in (a.o_proj, m.down_proj) if fused is not None else (a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                                                                       m.gate_proj, m.up_proj, m.down_proj):
+            lin.weight = _store_input_major(lin.weight)
+    model.lm_head.weight = _store_input_major(model.lm_head.weight)
+    if model.config.tie_word_embeddings:
+        model.model.embed_tokens.weight = model.lm_head.weight
+
+
+# ---- The static-shape decode step -------------------------------------------------------------------
+
+def _rms_norm(x: torch.Tensor, norm: LlamaRMSNorm) -> torch.Tensor:
+    """LlamaRMSNorm's exact numerics (fp32 statistics, cast back, then scale), written out for the compiler."""
+    input_dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * x.to(input_dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x (1, heads, 1, D) with cos/sin (1, 1, 1, D): model.apply_rotary_pos_emb for one position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def default_compile(device: torch.device) -> bool:
+    """Compile by default on CUDA (CUDA graphs); eager elsewhere unless MINILLAMA_COMPILE=1."""
+    env = os.environ.get("MINILLAMA_COMPILE")
+    if env is not None:
+        return env not in ("0", "", "false", "no")
+    return device.type == "cuda"
+
+
+class FastDecoder(nn.Module):
+    """A bs=1 generator over a static KV cache, optionally compiled (CUDA graphs on a GPU).
+
+        fast = FastDecoder(model, max_seq_len=4096)
+        for token_id in fast.generate(prompt_ids, max_new_tokens=256, eos_token_ids=[2]):
+            ...
+
+    model:       a loaded LlamaForCausalLM (any device/dtype). Its projections get fused in place (names kept).
+    max_seq_len: cache length; prompt + new tokens must fit. Each step attends over all of it, so keep it to
+                 what you need (a step reads 2 * L * Hkv * max_seq_len * D cache values besides the weights).
+    compile:     torch.compile the step (CUDA: mode="reduce-overhead", i.e. CUDA graphs). None: on CUDA only,
+                 or as the MINILLAMA_COMPILE environment variable says.
+    fuse:        fuse q/k/v and gate/up projections (default True).
+    lag:         how many steps behind the device the host reads tokens; None: 4 on CUDA, 0 elsewhere.
+    input_major: store weight matrices input-major (faster vector-matrix products with MKL); None: on CPU only.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, max_seq_len: int | None = None, compile: bool | None = None,
+                 fuse: bool = True, lag: int | None = None, input_major: bool | None = None):
+        super().__init__()
+        config = model.config
+        self.model = model
+        self.max_seq_len = max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
+        if max_seq_len > config.max_position_embeddings and config.rope_type == "dynamic":
+            raise MinillamaError("max_seq_len past max_position_embeddings is not supported with dynamic RoPE "
+                                 "in the fast path; use fast=False")
+        device, dtype = model.device, model.dtype
+        self.cache = model.new_cache(1, max_seq_len)
+        self.fused = fuse_projections(model) if fuse else None
+        self.input_major = device.type == "cpu" if input_major is None else input_major
+        if self.input_major:
+            store_weights_input_major(model, self.fused)
+        self.H, self.Hkv, self.D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.scaling = self.D**-0.5
+
+        # RoPE angles for every slot, computed once by the model's own rotary module.
+        positions = torch.arange(max_seq_len, device=device)[None]  # (1, S)
+        with torch.no_grad():
+            cos, sin = model.model.rotary_emb(positions, dtype)  # (1, S, D) each
+        self.register_buffer("rope_cos", cos[0], persistent=False)  # (S, D)
+        self.register_buffer("rope_sin", sin[0], persistent=False)  # (S, D)
+        self.register_buffer("slots", torch.arange(max_seq_len, device=device), persistent=False)  # (S,)
+        self.register_buffer("zeros_or_inf", torch.tensor([0.0, float("-inf")], dtype=dtype, device=device),
+                             persistent=False)  # (2,): mask values for a visible / an empty slot
+        # The step's state lives in buffers (static addresses: CUDA graphs replay them as they are).
+        self.register_buffer("pos", torch.zeros(1, dtype=torch.long, device=device), persistent=False)  # (1,)
+        self.register_buffer("token", torch.zeros(1, 1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("seen", torch.zeros(1, config.vocab_size, dtype=torch.bool, device=device),
+                             persistent=False)  # (1, V): tokens the repetition penalty applies to
+        self.stop_reason: str | None = None  # after generate: "eos" or "length"
+        self.cached_tokens = 0  # tokens the cache holds after the last generate (pass as input_pos to go on)
+
+        self.compiled = default_compile(device) if compile is None else compile
+        self.lag = (4 if device.type == "cuda" else 0) if lag is None else lag
+        self._step_greedy = self._decode_greedy
+        self._step_logits = self._decode_logits
+        if self.compiled:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self._step_greedy = torch.compile(self._decode_greedy, mode=mode, fullgraph=True)
+            self._step_logits = torch.compile(self._decode_logits, mode=mode, fullgraph=True)
+
+    # -- one token ---------------------------------------------------------------------------------------
+
+    def _forward_one(self) -> torch.Tensor:
+        """Logits (1, V) for `self.token` at slot `self.pos`; writes that token's keys/values into the cache."""
+        H, Hkv, D = self.H, self.Hkv, self.D
+        pos = self.pos  # (1,) a tensor, so the graph is the same for every position
+        cos = self.rope_cos[pos].view(1, 1, 1, D)
+        sin = self.rope_sin[pos].view(1, 1, 1, D)
+        # Additive mask (1, 1, 1, S): 0 for this token and the ones before it, -inf for empty slots.
+        # (A float mask, not a boolean one: CPU SDPA was ~4x slower with a boolean mask.)
+        mask = self.zeros_or_inf[(self.slots > pos).long()].view(1, 1, 1, -1)
+        x = F.embedding(self.token, self.model.model.embed_tokens.weight)  # (1, 1, C)
+        for i, layer in enumerate(self.model.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            residual = x
+            h = _rms_norm(x, layer.input_layernorm)
+            if self.fused is not None:
+                qkv = F.linear(h, self.fused[i].qkv_weight, self.fused[i].qkv_bias)  # (1, 1, (H + 2 Hkv) D)
+            else:
+                qkv = torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)
+            # With T = 1, (B, T, heads, D).transpose(1, 2) is the same memory as (B, heads, T, D).
+            qkv = qkv.view(1, H + 2 * Hkv, 1, D)
+            qk = _rotate(qkv[:, : H + Hkv], cos, sin)  # (1, H + Hkv, 1, D): q and k rotated together
+            q, k = qk.split([H, Hkv], dim=1)  # (1, H, 1, D), (1, Hkv, 1, D)
+            v = qkv[:, H + Hkv :]  # (1, Hkv, 1, D)
+            cache = self.cache[i]
+            cache.k.index_copy_(2, pos, k)  # write slot `pos` of (1, Hkv, S, D)
+            cache.v.index_copy_(2, pos, v)
+            y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask, scale=self.scaling,
+                                               enable_gqa=True)  # (1, H, 1, D)
+            x = residual + attn.o_proj(y.view(1, 1, H * D))
+
+            residual = x
+            h = _rms_norm(x, layer.post_attention_layernorm)
+            if self.fused is not None:
+                gate, up = F.linear(h, self.fused[i].gate_up_weight, self.fused[i].gate_up_bias).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+            x = residual + mlp.down_proj(F.silu(gate) * up)  # (1, 1, C)
+        x = _rms_norm(x, self.model.model.norm)
+        return self.model.lm_head(x).view(1, -1)  # (1, V)
+
+    def _decode_logits(self) -> torch.Tensor:
+        """One step; returns the logits (1, V) and advances `pos`. The caller picks the next token."""
+        logits = self._forward_one()
+        self.pos.add_(1)
+        return logits
+
+    def _decode_greedy(self) -> None:
+        """One greedy step entirely on the device: the argmax becomes the next step's input token."""
+        logits = self._forward_one()
+        self.token.copy_(logits.argmax(dim=-1, keepdim=True))
+        self.pos.add_(1)
+
+    # -- prefill -------------------------------------------------------------------------------------
+
+    def prefill(self, input_ids: torch.Tensor, input_pos: int = 0) -> torch.Tensor:
+        """Run input_ids (1, T) through the model's own forward into the cache at slot `input_pos`.
+
+        Returns the last position's logits (1, V) and leaves `pos` at input_pos + T.
+        """
+        T = input_ids.shape[1]
+        inner = self.model.model
+        eager = inner.layers[0].self_attn.attn_implementation == "eager"
+        plain_causal = input_pos == 0 or T == 1  # SDPA's own causal kernels (flash on a GPU) are right then
+        mask = None if plain_causal and not eager else attention_mask(input_pos, T, None, input_ids.device)
+        position_ids = torch.arange(input_pos, input_pos + T, device=input_ids.device)[None]  # (1, T)
+        x = inner(input_ids, position_ids, mask, self.cache, input_pos)  # (1, T, C)
+        self.pos.fill_(input_pos + T)
+        # Only the last position's logits are needed: a (T, V) head would cost more than a layer.
+        return self.model.lm_head(x[:, -1])  # (1, V)
+
+    # -- generation ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def warmup(self, settings: SamplingSettings | None = None) -> None:
+        """Compile (and on CUDA record the graph of) the decode step now, so the first request is not slow.
+
+        Writes garbage into the cache, which is harmless: a later prefill overwrites what it needs.
+        """
+        settings = settings or SamplingSettings()
+        self.pos.zero_()
+        self.token.zero_()
+        self.seen.zero_()
+        for _ in range(3):  # cudagraph trees record on the second or third call
+            self._step(settings, None)
+        self.pos.zero_()
+
+    def fits(self, prompt_len: int, max_new_tokens: int, input_pos: int = 0) -> bool:
+        """Whether a prompt of this length plus max_new_tokens fit the cache."""
+        return input_pos + prompt_len + max_new_tokens <= self.max_seq_len
+
+    @torch.inference_mode()
+    def _start(self, input_ids: torch.Tensor, input_pos: int, settings: SamplingSettings,
+               generator: torch.Generator | None) -> None:
+        """Prefill and choose the first token into `self.token`."""
+        self.seen.copy_(seen_tokens(input_ids, self.seen.shape[1]))  # what the repetition penalty counts
+        logits = self.prefill(input_ids, input_pos)  # (1, V)
+        self._choose(logits, settings, generator)
+
+    def _choose(self, logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> None:
+        """sampling.next_token on the device: the pick becomes the next step's input and is marked seen."""
+        ids = next_token(logits, self.seen, settings, generator)  # (1,)
+        self.token.copy_(ids.view(1, 1))
+        self.seen.scatter_(1, ids.view(1, 1), True)
+
+    @torch.inference_mode()
+    def _step(self, settings: SamplingSettings, generator: torch.Generator | None) -> None:
+        """Advance one token: the cache gains `self.token`'s keys/values and `self.token` becomes the next one."""
+        if settings.is_greedy and settings.repetition_penalty == 1.0:
+            self._step_greedy()  # the whole step, argmax included, in one graph
+        else:
+            self._choose(self._step_logits(), settings, generator)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, settings: SamplingSettings | None = None, *,
+                 eos_token_ids: list[int] | tuple[int, ...] | set[int] = (),
+                 generator: torch.Generator | None = None, input_pos: int = 0) -> Iterator[int]:
+        """Yield up to max_new_tokens token ids after the prompt (1, T) or (T,); stops after yielding an eos id.
+
+        settings:  `sampling.SamplingSettings` (a `GenerationConfig` works too); default greedy. Tokens are
+                   chosen by `sampling.next_token` on the device, so a seeded `generator` draws what the
+                   regular `generate` draws.
+        input_pos: the cache already holds this many tokens from an earlier call (a chat's earlier turns);
+                   input_ids are the new tokens only. After a call, `self.cached_tokens` says how many it holds.
+        Afterwards `self.stop_reason` is "eos" or "length".
+        """
+        settings = settings or SamplingSettings()
+        input_ids = input_ids.reshape(1, -1).to(self.model.device)
+        T = input_ids.shape[1]
+        if T == 0:
+            raise MinillamaError("the prompt is empty; generation needs at least one token")
+        if not self.fits(T, max_new_tokens, input_pos):
+            raise MinillamaError(f"{input_pos + T} prompt tokens + max_new_tokens={max_new_tokens} exceed the fast "
+                                 f"path's cache of {self.max_seq_len} tokens; raise max_seq_len or use fast=False")
+        eos = set(int(t) for t in eos_token_ids)
+        self.stop_reason = None
+        self._start(input_ids, input_pos, settings, generator)
+        self.cached_tokens = input_pos + T
+        tokens = self._tokens_pipelined if self.lag else self._tokens_sync
+        for i, token_id in enumerate(tokens(max_new_tokens, settings, generator)):
+            self.cached_tokens = input_pos + T + i  # the token just yielded is not in the cache yet
+            yield token_id
+            if token_id in eos or i == max_new_tokens - 1:
+                self.stop_reason = "eos" if token_id in eos else "length"
+                return
+
+    def _tokens_sync(self, n_tokens: int, settings: SamplingSettings,
+                     generator: torch.Generator | None) -> Iterator[int]:
+        """CPU: reading a token is a plain memory read, so hand each one over as it comes."""
+        for i in range(n_tokens):
+            if i > 0:
+                self._step(settings, generator)
+            yield int(self.token)
+
+    def _tokens_pipelined(self, n_tokens: int, settings: SamplingSettings,
+                          generator: torch.Generator | None) -> Iterator[int]:
+        """GPU: keep `lag` steps queued ahead of the token being handed over.
+
+        Each token is copied to pinned host memory without blocking, and read once its copy event has
+        completed, `lag` steps later; the GPU never waits for Python. Steps run past an eos are wasted
+        work (at most `lag`), never a stall.
+        """
+        ring = self.lag + 1
+        cuda = self.token.device.type == "cuda"
+        host = torch.empty(ring, dtype=torch.long, pin_memory=cuda)  # (ring,) pinned: the copy is asynchronous
+        copied = [torch.cuda.Event() if cuda else None for _ in range(ring)]  # (on CPU the copy is immediate)
+        for i in range(n_tokens + self.lag):
+            if i < n_tokens:
+                if i > 0:
+                    self._step(settings, generator)
+                with torch.inference_mode():
+                    host[i % ring].copy_(self.token[0, 0], non_blocking=cuda)
+                if cuda:
+                    copied[i % ring].record()
+            j = i - self.lag  # the token whose copy was queued `lag` steps ago
+            if 0 <= j < n_tokens:
+                if cuda:
+                    copied[j % ring].synchronize()
+                yield int(host[j % ring])

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The one prepared GPU run: minillama vs transformers on a random Llama-3.2-1B-shaped model, bf16, bs=1.
+#
+#   scripts/gpu_bench.sh            # full run: GPU correctness test, then the benchmark (about 5 minutes)
+#   scripts/gpu_bench.sh --tiny     # the same steps on a tiny model (works on CPU too: a smoke test)
+#   scripts/gpu_bench.sh --no-test  # skip the correctness test
+#
+# Prints one JSON object per figure on stdout; progress and environment go to stderr. Installs nothing:
+# it needs torch, transformers, safetensors and tokenizers, and finds minillama through PYTHONPATH.
+# Extra arguments after the flags are passed to `minillama bench` (e.g. --repeats 5, --sides minillama).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python}"
+
+TINY=0
+TEST=1
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --tiny) TINY=1; shift ;;
+        --no-test) TEST=0; shift ;;
+        *) break ;;
+    esac
+done
+
+"$PY" - >&2 <<'PY'
+import platform, torch, transformers
+cuda = torch.cuda.is_available()
+print(f"[gpu_bench] python {platform.python_version()}, torch {torch.__version__}, "
+      f"transformers {transformers.__version__}, device: "
+      f"{torch.cuda.get_device_name() if cuda else 'cpu (no CUDA)'}", flush=True)
+PY
+
+if [[ $TEST == 1 ]] && "$PY" -c "import pytest" 2>/dev/null; then
+    # The compiled CUDA-graph path gives the regular path's tokens (skips itself without CUDA).
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_fast.py -k "cuda_graph or compiled_step" >&2
+fi
+
+if [[ $TINY == 1 ]]; then
+    ARGS=(--tiny --prompt-len 32 --new-tokens 16 --repeats 1)
+else
+    ARGS=(--config scripts/configs/llama-3.2-1b.json --dtype bfloat16 --prompt-len 2048 --new-tokens 256 --repeats 3)
+fi
+exec "$PY" -m minillama.cli.bench "${ARGS[@]}" --json "$@"

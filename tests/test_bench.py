@@ -1,0 +1,86 @@
+"""`minillama bench` end to end on a tiny random model: it runs, and its JSON has every figure (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from minillama.bench import TINY_CONFIG, figures, format_table, write_random_checkpoint
+from minillama.checkpoint import load_model
+from minillama.cli import main
+from minillama.config import LlamaConfig
+from minillama.errors import MinillamaError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_json_tiny(capsys):
+    assert main(["bench", "--tiny", "--prompt-len", "8", "-n", "6", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by = {(r["figure"], r["side"]): r for r in records}
+    for side in ("minillama", "transformers"):
+        for figure in ("load_s", "warmup_s", "prompt_tok_s", "ttft_s", "decode_tok_s", "peak_mem_mb",
+                       "bandwidth_fraction"):
+            assert by[(figure, side)]["value"] > 0, (figure, side)
+    for ratio in ("decode_ratio", "prompt_ratio", "ttft_ratio", "load_ratio", "peak_mem_mb_ratio"):
+        assert by[(ratio, "minillama/transformers")]["value"] > 0
+    assert by[("copy_gb_s", "device")]["value"] > 0
+    assert by[("peak_mem_mb", "minillama")]["mem_kind"] in ("peak_rss", "rss")
+    # fp32, same random weights, greedy: both sides pick the same 6 tokens.
+    assert by[("tokens_agree", "minillama/transformers")]["value"] == 6
+    assert all(r["device"].startswith("cpu") and r["dtype"] == "float32" for r in records)
+
+
+def test_bench_table_and_regular_path(capsys):
+    assert main(["bench", "--tiny", "--prompt-len", "4", "-n", "3", "--no-fast", "--sides", "minillama"]) == 0
+    out = capsys.readouterr().out
+    assert "decode tok/s" in out and "fast path off" in out
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    assert main(["bench", "--tiny", "--sides", "minillama,vllm"]) == 2
+    assert "unknown side 'vllm'" in capsys.readouterr().err
+    assert main(["bench", "--tiny", "--prompt-len", "1000", "-n", "100"]) == 2
+    assert "context" in capsys.readouterr().err
+
+
+def test_random_checkpoint_loads(tmp_path):
+    path = write_random_checkpoint(TINY_CONFIG, tmp_path / "m", torch.bfloat16)
+    model = load_model(path, device="cpu", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    assert LlamaConfig.from_file(path).torch_dtype == "bfloat16"
+
+
+def test_llama32_1b_config_has_the_real_shape():
+    config = LlamaConfig.from_file(ROOT / "scripts" / "configs" / "llama-3.2-1b.json")
+    with torch.device("meta"):
+        from minillama.model import LlamaForCausalLM
+
+        model = LlamaForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == 1_235_814_400  # tied head counted once
+    assert (config.rope_type, config.rope_scaling["factor"], config.rope_theta) == ("llama3", 32.0, 500000.0)
+
+
+def test_ratios_and_bandwidth_fraction():
+    results = {"minillama": {"load_s": 1.0, "decode_tok_s": 50.0, "prompt_tok_s": 100.0, "ttft_s": 0.5,
+                             "peak_mem_mb": 500.0, "mem_kind": "peak_rss", "weight_bytes": 2e8, "tokens": [1, 2, 3]},
+               "transformers": {"load_s": 2.0, "decode_tok_s": 25.0, "prompt_tok_s": 100.0, "ttft_s": 1.0,
+                                "peak_mem_mb": 1000.0, "mem_kind": "peak_rss", "tokens": [1, 2, 4]}}
+    context = {"device": "cpu", "dtype": "float32", "model": "m", "prompt_len": 8, "new_tokens": 3, "fast": True}
+    records = figures(results, 20.0, context)
+    by = {(r["figure"], r["side"]): r["value"] for r in records}
+    assert by[("decode_ratio", "minillama/transformers")] == 2.0
+    assert by[("load_ratio", "minillama/transformers")] == 0.5
+    assert by[("bandwidth_fraction", "minillama")] == pytest.approx(50 * 2e8 / 20e9)
+    assert by[("tokens_agree", "minillama/transformers")] == 2
+    assert "decode_ratio" in format_table(records)
+
+
+def test_config_without_a_model_is_an_error():
+    from minillama.bench import run_bench
+
+    with pytest.raises(MinillamaError, match="config"):
+        run_bench(None)
