@@ -165,8 +165,9 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise MinillamaError(f"{model_dir}: weights do not match config.json: {shown}")
-    for name, t in state.items():  # a sum is NaN/inf if any element is, and needs no tensor-sized temporary
-        if t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float32)):
+    for name, t in state.items():  # a sum is NaN/inf if any element is, and needs no tensor-sized temporary;
+        if (t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float32))  # it may also overflow,
+                and not torch.isfinite(t).all()):  # so a non-finite sum is confirmed element by element
             raise MinillamaError(f"{model_dir}: tensor {name} holds NaN or inf values; the checkpoint is broken")
 
     model.load_state_dict(state, strict=False, assign=True)

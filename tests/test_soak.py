@@ -8,14 +8,11 @@ context-full event is reported and handled as designed (the turn is refused, not
 from __future__ import annotations
 
 import gc
-import json
-import shutil
 import warnings
 
 import psutil
 import pytest
 import torch
-from conftest import make_hf_checkpoint
 
 import minillama
 from minillama.chat import ChatSession, ContextFull
@@ -26,15 +23,10 @@ CONTEXT = 160  # a few turns fill it, so the soak meets many context-full events
 
 
 @pytest.fixture(scope="module")
-def session_parts(tmp_path_factory, llama32_tokenizer_dir):
-    path = make_hf_checkpoint(tmp_path_factory.mktemp("soak"), seed=5, vocab_size=128256, hidden_size=32,
-                              intermediate_size=64, tie_word_embeddings=True, max_position_embeddings=4096)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(llama32_tokenizer_dir / name, path / name)
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 128009]}))
-    model, tokenizer = minillama.load_model(path, device="cpu"), load_tokenizer(path)
-    config = GenerationConfig.from_model_dir(path).updated(do_sample=True, temperature=0.8, top_p=0.9,
-                                                           max_new_tokens=24)
+def session_parts(chat_model):
+    model, tokenizer = minillama.load_model(chat_model, device="cpu"), load_tokenizer(chat_model)
+    config = GenerationConfig.from_model_dir(chat_model).updated(do_sample=True, temperature=0.8, top_p=0.9,
+                                                                 max_new_tokens=24)
     return model, tokenizer, config
 
 

@@ -1,0 +1,68 @@
+"""Every user mistake the CLI can meet gets one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+
+def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minillama", *args], input=stdin, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, message: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("minillama: error: ") and message in lines[0], r.stderr
+
+
+def test_prompt_longer_than_the_context(chat_model, tmp_path):
+    small = tmp_path / "small"
+    shutil.copytree(chat_model, small)
+    config = json.loads((small / "config.json").read_text())
+    config["max_position_embeddings"] = 64
+    (small / "config.json").write_text(json.dumps(config))
+    r = run_cli("generate", str(small), "--prompt", "word " * 100, "-n", "5")
+    assert_one_line_error(r, "exceeds the context of 64 tokens")
+
+
+def test_non_finite_logits_stop_generation(chat_model, tmp_path):
+    """Finite but absurd weights overflow to inf inside the forward: a message, not garbage tokens."""
+    broken = tmp_path / "broken"
+    shutil.copytree(chat_model, broken)
+    state = load_file(broken / "model.safetensors")
+    state["model.norm.weight"][0] = 3e38  # finite (float32 tops out at 3.4e38), but x * 3e38 overflows
+    save_file(state, broken / "model.safetensors")
+    r = run_cli("generate", str(broken), "--prompt", "hello", "-n", "5", "--greedy")
+    assert_one_line_error(r, "NaN or infinite logits")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--prompt", ""], "prompt is empty"),
+    (["generate", "/no/such/dir", "--prompt", "hi"], "not a model directory"),
+    (["generate", "--prompt", "hi", "--device", "quantum"], "unknown device 'quantum'"),
+    (["generate", "--prompt", "hi", "--temperature", "nan"], "temperature must be"),
+    (["chat", "--context", "1"], "--context must be at least 2"),
+    (["inspect", "/no/such/dir"], "/no/such/dir"),
+])
+def test_messages(args, message, chat_model):
+    args = [str(chat_model) if a == "MODEL" else a for a in args]
+    if args[0] in ("generate", "chat") and not (len(args) > 1 and args[1].startswith("/")):
+        args.insert(1, str(chat_model))
+    assert_one_line_error(run_cli(*args), message)
+
+
+def test_dump_refuses_to_overwrite(chat_model, tmp_path):
+    out = tmp_path / "acts.safetensors"
+    out.write_bytes(b"precious")
+    r = run_cli("dump", str(chat_model), "--prompt", "hi", "--out", str(out))
+    assert_one_line_error(r, "--force")
+    assert out.read_bytes() == b"precious"
