@@ -10,7 +10,6 @@ import torch
 from conftest import llama32_like, make_hf_checkpoint
 
 from minillama import ChatPipeline, pipeline
-from minillama import load_model
 from minillama.errors import MinillamaError
 from minillama.generation import GenerationConfig, generate
 from minillama.tokenizer import load_tokenizer

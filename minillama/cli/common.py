@@ -9,19 +9,55 @@ from pathlib import Path
 
 import torch
 
+from minillama.errors import MinillamaError
 from minillama.hub import DEFAULT_MODEL
 
 
-def add_model_args(p: argparse.ArgumentParser, optional_model: bool = True) -> None:
-    """MODEL (a directory, a hub id org/name, or the default model's name), --device, --dtype, --offline."""
+def add_model_args(p: argparse.ArgumentParser, optional_model: bool = True, device: str | None = None,
+                   dtype: str | None = None) -> None:
+    """MODEL (a directory, a hub id org/name, or the default model's name), --device, --dtype, --offline.
+
+    `device` and `dtype` are the defaults: None picks CUDA when present and the checkpoint's dtype there;
+    the inspection tools pass "cpu"/"float32" so their numbers compare with the fp32 reference.
+    """
+    model_help = f"model directory, hub id (org/name) or {DEFAULT_MODEL!r}"
     if optional_model:
-        p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                       help=f"model directory, hub id (org/name) or {DEFAULT_MODEL!r} (default)")
+        p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help + " (default)")
     else:
-        p.add_argument("model", help=f"model directory, hub id (org/name) or {DEFAULT_MODEL!r}")
-    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's on a GPU, float32 on CPU)")
+        p.add_argument("model", help=model_help)
+    p.add_argument("--device", default=device,
+                   help=f"cpu, cuda, cuda:N, mps (default: {device or 'cuda if available, else cpu'})")
+    p.add_argument("--dtype", default=dtype, help="float32, bfloat16, float16 (default: "
+                   + (dtype or "the checkpoint's on a GPU, float32 on CPU") + ")")
     p.add_argument("--offline", action="store_true", help="use only files already downloaded (also HF_HUB_OFFLINE=1)")
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """--prompt and --raw, for the tools that run one forward pass over a prompt."""
+    p.add_argument("--prompt", required=True, help="text to run through the model (as a user message)")
+    p.add_argument("--raw", action="store_true", help="tokenize the prompt as plain text, without the chat template")
+
+
+def resolve_model_arg(args: argparse.Namespace) -> Path:
+    """The local directory for the MODEL argument (downloading or converting it if needed)."""
+    from minillama.hub import resolve_model
+
+    return resolve_model(args.model, offline=getattr(args, "offline", False))
+
+
+def prompt_input_ids(path: Path, prompt: str, raw: bool, vocab_size: int) -> tuple[str, torch.Tensor]:
+    """The prompt as the model sees it (chat template unless `raw`) and its ids (1, T), checked against
+    the model's vocabulary."""
+    from minillama.inspect import encode_prompt
+    from minillama.tokenizer import load_tokenizer
+
+    text, ids = encode_prompt(load_tokenizer(path), prompt, raw)
+    if not ids:
+        raise MinillamaError("the prompt is empty after tokenization; give some text")
+    if max(ids) >= vocab_size:
+        raise MinillamaError(f"the tokenizer gave id {max(ids)}, past the model's vocabulary of {vocab_size}; "
+                             "tokenizer and weights do not belong together")
+    return text, torch.tensor([ids])
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -66,11 +102,10 @@ def load_all(args: argparse.Namespace) -> Loaded:
 
     from minillama.checkpoint import load_model, resolve_device
     from minillama.generation import GenerationConfig
-    from minillama.hub import resolve_model
     from minillama.tokenizer import load_tokenizer
 
     device = resolve_device(args.device)
-    path = resolve_model(args.model, offline=args.offline)
+    path = resolve_model_arg(args)
     generation_config = GenerationConfig.from_model_dir(path).updated(**sampling_overrides(args))
     tokenizer = load_tokenizer(path)
     start = time.perf_counter()

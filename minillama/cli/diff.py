@@ -17,8 +17,7 @@ import torch
 
 from minillama.capture import capture
 from minillama.checkpoint import load_model, resolve_device, resolve_dtype
-from minillama.cli.dump import add_model_args, prompt_input_ids
-from minillama.cli.inspect import resolve_model_dir
+from minillama.cli.common import add_model_args, add_prompt_args, prompt_input_ids, resolve_model_arg
 from minillama.config import LlamaConfig
 from minillama.errors import MinillamaError
 
@@ -121,7 +120,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diff", help="compare every layer's output with transformers",
                        description="Run the prompt through minillama and transformers (the reference) and show "
                                    "the error after each layer. Exits 1 when some layer is past --tol.")
-    add_model_args(p)
+    add_model_args(p, optional_model=False, device="cpu", dtype="float32")
+    add_prompt_args(p)
     p.add_argument("--tol", type=float, default=1e-4,
                    help="a layer diverges when max|minillama - transformers| > tol * max|transformers| (default 1e-4)")
     p.add_argument("--reference", type=Path, metavar="DIR",
@@ -132,7 +132,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model_dir = resolve_model_dir(args.model)
+    model_dir = resolve_model_arg(args)
     reference_dir = args.reference or model_dir
     config = LlamaConfig.from_file(model_dir)
     device = resolve_device(args.device)

@@ -17,9 +17,8 @@ import torch
 
 from minillama.capture import capture, select
 from minillama.checkpoint import load_model
-from minillama.cli.inspect import resolve_model_dir
+from minillama.cli.common import add_model_args, add_prompt_args, prompt_input_ids, resolve_model_arg
 from minillama.errors import MinillamaError
-from minillama.inspect import encode_prompt
 from minillama.model import LlamaForCausalLM
 
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -130,34 +129,12 @@ def summary_json(summary: dict[str, Any]) -> str:
     return "{\n" + ",\n".join(head) + ',\n "tensors": [\n' + ",\n".join(tensors) + "\n ]\n}\n"
 
 
-def prompt_input_ids(model_dir: Path, prompt: str, raw: bool, vocab_size: int) -> tuple[str, torch.Tensor]:
-    """The prompt as the model sees it (chat template unless `raw`) and its ids (1, T), checked against
-    the model's vocabulary."""
-    from minillama.tokenizer import load_tokenizer
-
-    text, ids = encode_prompt(load_tokenizer(model_dir), prompt, raw)
-    if not ids:
-        raise MinillamaError("the prompt is empty after tokenization; give some text")
-    if max(ids) >= vocab_size:
-        raise MinillamaError(f"the tokenizer gave id {max(ids)}, past the model's vocabulary of {vocab_size}; "
-                             "tokenizer and weights do not belong together")
-    return text, torch.tensor([ids])
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """MODEL, --prompt, --raw, --device, --dtype: shared by dump, diff and lens."""
-    p.add_argument("model", help="model directory (or hub id)")
-    p.add_argument("--prompt", required=True, help="text to run through the model")
-    p.add_argument("--raw", action="store_true", help="tokenize the prompt as plain text, without the chat template")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dump", help="save a forward pass's activations to a safetensors file",
                        description="Run the prompt through the model once and write the captured activations "
                                    "(names as in minillama.capture) to FILE.safetensors, plus FILE.summary.json.")
-    add_model_args(p)
+    add_model_args(p, optional_model=False, device="cpu", dtype="float32")
+    add_prompt_args(p)
     p.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     p.add_argument("--names", nargs="+", metavar="GLOB",
                    help="which activations, as globs (e.g. 'model.layers.*.resid_post' 'blocks.0.attn.*'); default all")
@@ -169,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.out, summary_path(args.out)):  # before the slow part
         if path.exists() and not args.force:
             raise MinillamaError(f"{path} exists; pass --force to overwrite it")
-    model_dir = resolve_model_dir(args.model)
+    model_dir = resolve_model_arg(args)
     model = load_model(model_dir, device=args.device, dtype=args.dtype)
     text, ids = prompt_input_ids(model_dir, args.prompt, args.raw, model.config.vocab_size)
     ids = ids.to(model.device)

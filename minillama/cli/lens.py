@@ -16,8 +16,7 @@ import torch
 
 from minillama.capture import capture
 from minillama.checkpoint import load_model
-from minillama.cli.dump import add_model_args, prompt_input_ids
-from minillama.cli.inspect import resolve_model_dir
+from minillama.cli.common import add_model_args, add_prompt_args, prompt_input_ids, resolve_model_arg
 from minillama.errors import MinillamaError
 from minillama.inspect import visible
 from minillama.model import LlamaForCausalLM
@@ -88,7 +87,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lens", help="logit lens: what each layer would predict",
                        description="Apply the final norm and lm_head to every layer's residual stream and show "
                                    "the top next tokens at each position.")
-    add_model_args(p)
+    add_model_args(p, optional_model=False, device="cpu", dtype="float32")
+    add_prompt_args(p)
     p.add_argument("--top", type=int, default=5, help="predictions shown per layer and position (default 5)")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw a heatmap of the top-1 predictions")
     p.set_defaults(func=run)
@@ -97,7 +97,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from minillama.tokenizer import load_tokenizer
 
-    model_dir = resolve_model_dir(args.model)
+    model_dir = resolve_model_arg(args)
     model = load_model(model_dir, device=args.device, dtype=args.dtype)
     if not 1 <= args.top <= model.config.vocab_size:
         raise MinillamaError(f"--top must be between 1 and the vocabulary size {model.config.vocab_size}")
