@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import pexpect
 import pytest
 import torch
 
@@ -149,12 +150,25 @@ def test_empty_prompt_and_missing_model_exit_2(tmp_path):
 
 # ---- a pseudo-terminal: what a person at a keyboard sees --------------------------------------------
 
-def spawn_chat(*args: str):
-    pexpect = pytest.importorskip("pexpect", reason="pexpect drives the pseudo-terminal tests")
+def spawn_chat(*args: str, env: dict | None = None):
     child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", *args], encoding="utf-8", timeout=60,
-                          env={**os.environ, "TERM": "dumb"}, dimensions=(40, 200))
+                          env={**os.environ, "TERM": "dumb", **(env or {})}, dimensions=(40, 200))
     child.expect(">>> ")
     return child
+
+
+def test_default_model_reaches_a_chat_prompt_and_answers(smollm2_dir):
+    """What the README's first command ends in: `minillama chat` with no arguments, on the real default model."""
+    child = spawn_chat("--greedy", "-n", "30", env={"MINILLAMA_CACHE": str(smollm2_dir.parent)})
+    assert "smollm2-135m-instruct" in child.before and "tokenizer_config.json" in child.before
+    child.sendline("What is the capital of France?")
+    child.expect(r"\[prompt: \d+ tokens")
+    assert "Paris" in child.before
+    child.expect(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
 
 
 def test_tty_session_commands_multiline_and_exit(chat_model):
@@ -171,15 +185,9 @@ def test_tty_session_commands_multiline_and_exit(chat_model):
     child.expect(r"\[prompt: \d+ tokens")
     child.expect(">>> ")
     child.sendeof()  # Ctrl-D exits
-    child.expect(pexpect_eof())
+    child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
-
-
-def pexpect_eof():
-    import pexpect
-
-    return pexpect.EOF
 
 
 def test_tty_ctrl_c_stops_the_reply_and_keeps_the_session(chat_model):
@@ -197,6 +205,6 @@ def test_tty_ctrl_c_stops_the_reply_and_keeps_the_session(chat_model):
     child.sendintr()  # stops this reply too, or (if it already ended) asks at the prompt
     child.expect(">>> ")
     child.sendintr()  # a second Ctrl-C in a row: exit
-    child.expect(pexpect_eof())
+    child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
