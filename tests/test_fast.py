@@ -31,13 +31,14 @@ def reference_tokens(model, prompt: torch.Tensor, n: int = N_TOKENS, **settings)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama32", "tiny_llama2", "tiny_biased"])
-@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("fuse, pack", [(True, True), (True, False), (False, False)])
 @pytest.mark.parametrize("lag", [0, 3])
-def test_greedy_tokens_equal_regular_path(request, fixture, fuse, lag):
+def test_greedy_tokens_equal_regular_path(request, fixture, fuse, pack, lag):
     model = load_model(request.getfixturevalue(fixture), device="cpu")
     prompt = prompt_ids()
     expected = reference_tokens(model, prompt)
-    fast = FastDecoder(model, max_seq_len=64, compile=False, fuse=fuse, lag=lag)
+    fast = FastDecoder(model, max_seq_len=64, compile=False, fuse=fuse, lag=lag, pack=pack)
+    assert (fast.packed is not None) == pack
     assert list(fast.generate(prompt, N_TOKENS)) == expected
     assert fast.stop_reason == "length"
     # The model itself is unchanged by the fusion: the regular path still gives the same tokens.
