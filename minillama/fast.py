@@ -438,3 +438,23 @@ class FastDecoder(nn.Module):
                 if cuda:
                     copied[j % ring].synchronize()
                 yield int(host[j % ring])
+
+
+def decoder_for(model: LlamaForCausalLM, seq_len: int, **kwargs) -> FastDecoder:
+    """The model's FastDecoder with room for seq_len tokens, made once and kept on the model.
+
+    Built again (and compiled again) only when a request needs more room or other options; the new cache
+    length rounds up to a multiple of 1024 (at most the model's context), so growing prompts rebuild rarely.
+    kwargs go to FastDecoder (compile, fuse, pack, lag).
+    """
+    decoder = getattr(model, "_minillama_fast_decoder", None)
+    if decoder is not None and decoder.max_seq_len >= seq_len and decoder.options == kwargs:
+        return decoder
+    context = model.config.max_position_embeddings
+    if seq_len > context:
+        raise MinillamaError(f"{seq_len} tokens exceed the model's context of {context}")
+    max_seq_len = min(context, -(-seq_len // 1024) * 1024)
+    decoder = FastDecoder(model, max_seq_len, **kwargs)
+    decoder.options = dict(kwargs)
+    object.__setattr__(model, "_minillama_fast_decoder", decoder)  # a plain attribute: not a submodule
+    return decoder

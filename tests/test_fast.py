@@ -160,3 +160,15 @@ def test_cuda_graph_step_matches_regular_path(tiny_llama32):
     tokens = reference_tokens(model, prompt)
     assert list(fast.generate(prompt, N_TOKENS, eos_token_ids=[tokens[5]]))[-1] == tokens[5]
     assert fast.stop_reason == "eos"
+
+
+def test_decoder_for_reuses_one_decoder(tiny_llama32):
+    from minillama.fast import decoder_for
+
+    model = load_model(tiny_llama32, device="cpu")
+    first = decoder_for(model, 40, compile=False)
+    assert decoder_for(model, 100, compile=False) is first and first.max_seq_len == 256  # the context
+    assert decoder_for(model, 10, compile=False, lag=2) is not first
+    assert "_minillama_fast_decoder" not in dict(model.named_modules())
+    with pytest.raises(MinillamaError, match="context"):
+        decoder_for(model, 10_000)
