@@ -154,8 +154,9 @@ class FastDecoder(nn.Module):
             ...
 
     model:       a loaded LlamaForCausalLM (any device/dtype). Its projections get fused in place (names kept).
-    max_seq_len: cache length; prompt + new tokens must fit. Each step attends over all of it, so keep it to
-                 what you need (a step reads 2 * L * Hkv * max_seq_len * D cache values besides the weights).
+    max_seq_len: cache length (rounded up to a multiple of 8); prompt + new tokens must fit. Each step attends
+                 over all of it, so keep it to what you need (a step reads 2 * L * Hkv * max_seq_len * D cache
+                 values besides the weights).
     compile:     torch.compile the step (CUDA: mode="reduce-overhead", i.e. CUDA graphs). None: on CUDA only,
                  or as the MINILLAMA_COMPILE environment variable says.
     fuse:        fuse q/k/v and gate/up projections (default True).
@@ -169,7 +170,10 @@ class FastDecoder(nn.Module):
         super().__init__()
         config = model.config
         self.model = model
-        self.max_seq_len = max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
+        max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
+        if max_seq_len % 8 and -(-max_seq_len // 8) * 8 <= config.max_position_embeddings:
+            max_seq_len = -(-max_seq_len // 8) * 8  # aligned mask rows keep CUDA's fused attention kernels
+        self.max_seq_len = max_seq_len
         if max_seq_len > config.max_position_embeddings and config.rope_type == "dynamic":
             raise MinillamaError("max_seq_len past max_position_embeddings is not supported with dynamic RoPE "
                                  "in the fast path; use fast=False")
