@@ -178,7 +178,7 @@ def run_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     transformers.logging.set_verbosity_error()
     device = resolve_device(spec["device"])
     dtype = DTYPES[spec["dtype"]]
-    P, N = spec["prompt_len"], spec["new_tokens"]
+    N = spec["new_tokens"]
     start = time.perf_counter()
     try:  # straight onto the device, as users load it (needs accelerate)
         model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, device_map=str(device))
@@ -276,7 +276,7 @@ def run_worker(spec: dict[str, Any], timeout: float | None = None) -> dict[str, 
     package_root = str(Path(__file__).resolve().parents[1])  # so the child imports this same minillama
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run([sys.executable, "-m", "minillama.bench", "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+                          capture_output=True, text=True, env=env, timeout=timeout, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
@@ -288,7 +288,9 @@ def run_worker(spec: dict[str, Any], timeout: float | None = None) -> dict[str, 
 
 def default_sides(device: torch.device) -> list[str]:
     """minillama and transformers eager everywhere; on a GPU also transformers' compiled static-cache path."""
-    return ["minillama", "transformers-static", "transformers"] if device.type == "cuda" else ["minillama", "transformers"]
+    if device.type == "cuda":
+        return ["minillama", "transformers-static", "transformers"]
+    return ["minillama", "transformers"]
 
 
 def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None, device: str | None = None,

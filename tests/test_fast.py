@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_hf_checkpoint
+
 from minillama.checkpoint import load_model
 from minillama.errors import MinillamaError
 from minillama.fast import FastDecoder, fuse_projections
@@ -48,7 +48,7 @@ def test_greedy_tokens_equal_regular_path(request, fixture, fuse, pack, lag):
 def test_sampling_with_a_seed_equals_regular_path(tiny_llama32):
     model = load_model(tiny_llama32, device="cpu")
     prompt = prompt_ids(seed=1)
-    settings = dict(do_sample=True, temperature=0.9, top_k=40, top_p=0.95, min_p=0.01, repetition_penalty=1.3)
+    settings = {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95, "min_p": 0.01, "repetition_penalty": 1.3}
     expected = reference_tokens(model, prompt, generator=torch.Generator().manual_seed(7), **settings)
     fast = FastDecoder(model, max_seq_len=64, compile=False)
     got = list(fast.generate(prompt, N_TOKENS, SamplingSettings(**settings),
@@ -152,7 +152,7 @@ def test_cuda_graph_step_matches_regular_path(tiny_llama32):
     fast = FastDecoder(model, max_seq_len=64)
     assert fast.compiled and fast.lag > 0
     assert list(fast.generate(prompt, N_TOKENS)) == reference_tokens(model, prompt)
-    settings = dict(do_sample=True, temperature=0.9, top_k=40, top_p=0.95)
+    settings = {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95}
     expected = reference_tokens(model, prompt, generator=torch.Generator("cuda").manual_seed(7), **settings)
     got = list(fast.generate(prompt, N_TOKENS, SamplingSettings(**settings),
                              generator=torch.Generator("cuda").manual_seed(7)))
