@@ -54,7 +54,9 @@ def write_random_checkpoint(config: dict[str, Any], out_dir: Path, dtype: torch.
     dtype_name = str(dtype).removeprefix("torch.")
     config = {**config, "torch_dtype": dtype_name, "model_type": config.get("model_type", "llama"),
               "architectures": config.get("architectures", ["LlamaForCausalLM"])}
-    model = LlamaForCausalLM(LlamaConfig.from_dict(config)).to(dtype)
+    with torch.device("meta"):  # no default init: 1.2B parameters would take a while to initialise twice
+        model = LlamaForCausalLM(LlamaConfig.from_dict(config)).to(dtype)
+    model = model.to_empty(device="cpu")  # storage in `dtype`; tied weights stay one tensor
     generator = torch.Generator().manual_seed(seed)
     state = {}
     with torch.no_grad():
