@@ -56,7 +56,9 @@ def write_random_checkpoint(config: dict[str, Any], out_dir: Path, dtype: torch.
               "architectures": config.get("architectures", ["LlamaForCausalLM"])}
     with torch.device("meta"):  # no default init: 1.2B parameters would take a while to initialise twice
         model = LlamaForCausalLM(LlamaConfig.from_dict(config)).to(dtype)
-    model = model.to_empty(device="cpu")  # storage in `dtype`; tied weights stay one tensor
+    model = model.to_empty(device="cpu")  # storage in `dtype`
+    if model.config.tie_word_embeddings:  # to_empty gives the tied head its own storage: tie it again
+        model.lm_head.weight = model.model.embed_tokens.weight
     generator = torch.Generator().manual_seed(seed)
     state = {}
     with torch.no_grad():

@@ -84,3 +84,12 @@ def test_config_without_a_model_is_an_error():
 
     with pytest.raises(MinillamaError, match="config"):
         run_bench(None)
+
+
+def test_random_checkpoint_keeps_tied_weights_tied(tmp_path):
+    from safetensors import safe_open
+
+    path = write_random_checkpoint(TINY_CONFIG, tmp_path / "m", torch.float32)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in list(f.keys())  # tied: stored once, as the embedding
+        assert float(f.get_tensor("model.norm.weight").mean()) == 1.0
