@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from minillama.errors import MinillamaError
+from minillama.fast import FastDecoder
 from minillama.generation import STOP_LENGTH, GenerationConfig, generate
 
 DEFAULT_CONTEXT = 8192  # KV cache slots allocated when the model's own context is longer
@@ -53,11 +54,16 @@ class ChatSession:
     """A conversation with one model. `send(text)` streams the reply as text pieces."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, generation_config: GenerationConfig,
-                 system: str | None = None, seed: int | None = None, context: int | None = None):
+                 system: str | None = None, seed: int | None = None, context: int | None = None,
+                 fast: bool = True):
         self.model, self.tokenizer, self.config = model, tokenizer, generation_config
         self.seed = seed
         self.context = min(model.config.max_position_embeddings, context or DEFAULT_CONTEXT)
-        self.cache = model.new_cache(batch_size=1, max_seq_len=self.context)
+        # The session's own cache: a FastDecoder (static cache, the fast decode path) where it applies.
+        if fast and model.config.rope_type != "dynamic":
+            self.cache = FastDecoder(model, max_seq_len=self.context)
+        else:
+            self.cache = model.new_cache(batch_size=1, max_seq_len=self.context)
         self.system = system
         self.clear()
 

@@ -33,6 +33,8 @@ from minillama.kv_cache import LayerKVCache
 from minillama.model import LlamaForCausalLM, LlamaRMSNorm, attention_mask
 from minillama.sampling import SamplingSettings, next_token, seen_tokens
 
+SPAN_STEP = 256  # the eager step attends over the filled cache slots rounded up to this
+
 # ---- Fused projections ------------------------------------------------------------------------------
 
 class FusedProjections(nn.Module):
@@ -108,6 +110,21 @@ class PackedLayer(nn.Module):
         super().__init__()
         for name, weight in (("qkv", qkv), ("o", o), ("gate_up", gate_up), ("down", down)):
             self.register_buffer(name, torch.ops.mkldnn._reorder_linear_weight(weight, 1), persistent=False)
+
+
+@torch.no_grad()
+def packed_weights(model: LlamaForCausalLM, fused: nn.ModuleList) -> tuple[nn.ModuleList, torch.Tensor]:
+    """Every layer's matrices and the head in oneDNN's layout; made once per model and shared by its decoders
+    (so a chat session and `generate` calls do not each pay for another copy)."""
+    cached = getattr(model, "_minillama_packed", None)
+    if cached is not None and cached[0] is fused:
+        return cached[1], cached[2]
+    packed = nn.ModuleList(
+        PackedLayer(f.qkv_weight, layer.self_attn.o_proj.weight, f.gate_up_weight, layer.mlp.down_proj.weight)
+        for f, layer in zip(fused, model.model.layers))
+    head = torch.ops.mkldnn._reorder_linear_weight(model.lm_head.weight.detach(), 1)
+    object.__setattr__(model, "_minillama_packed", (fused, packed, head))  # a plain attribute, as for fusion
+    return packed, head
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -198,8 +215,11 @@ class FastDecoder(nn.Module):
         self.register_buffer("token", torch.zeros(1, 1, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("seen", torch.zeros(1, config.vocab_size, dtype=torch.bool, device=device),
                              persistent=False)  # (1, V): tokens the repetition penalty applies to
+        self.register_buffer("healthy", torch.ones(1, dtype=torch.long, device=device),
+                             persistent=False)  # (1,): 0 once any logits held NaN/inf (checked as tokens are read)
         self.stop_reason: str | None = None  # after generate: "eos" or "length"
         self.cached_tokens = 0  # tokens the cache holds after the last generate (pass as input_pos to go on)
+        self.host_pos = 0  # the slot the next step writes, as the host knows it (sizes the eager step's attention)
 
         self.compiled = default_compile(device) if compile is None else compile
         if pack is None:
@@ -207,15 +227,7 @@ class FastDecoder(nn.Module):
         if pack and not (can_pack(device, dtype) and fuse and not self.compiled):
             raise MinillamaError("packed weights need a CPU float32 model, torch with oneDNN, fuse=True and "
                                  "compile=False")
-        self.packed = None
-        head = None
-        if pack:
-            with torch.no_grad():
-                self.packed = nn.ModuleList(
-                    PackedLayer(f.qkv_weight, layer.self_attn.o_proj.weight, f.gate_up_weight,
-                                layer.mlp.down_proj.weight)
-                    for f, layer in zip(self.fused, model.model.layers))
-                head = torch.ops.mkldnn._reorder_linear_weight(model.lm_head.weight.detach(), 1)
+        self.packed, head = packed_weights(model, self.fused) if pack else (None, None)
         self.register_buffer("packed_head", head, persistent=False)  # (V, C) in oneDNN's layout, or None
         self.lag = (4 if device.type == "cuda" else 0) if lag is None else lag
         self._step_greedy = self._decode_greedy
@@ -276,7 +288,12 @@ class FastDecoder(nn.Module):
         sin = self.rope_sin[pos].view(1, 1, 1, D)
         # Additive mask (1, 1, 1, S): 0 for this token and the ones before it, -inf for empty slots.
         # (A float mask, not a boolean one: CPU SDPA was ~4x slower with a boolean mask.)
-        mask = self.zeros_or_inf[(self.slots > pos).long()].view(1, 1, 1, -1)
+        # Eager, attend over the filled part of the cache rounded up to SPAN_STEP slots; compiled (a graph
+        # per shape), over all of it.
+        S = self.max_seq_len
+        if not self.compiled:
+            S = min(S, -(-(self.host_pos + 1) // SPAN_STEP) * SPAN_STEP)
+        mask = self.zeros_or_inf[(self.slots[:S] > pos).long()].view(1, 1, 1, S)
 
         def attend(cache: LayerKVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             cache.k.index_copy_(2, pos, k)  # write slot `pos` of (1, Hkv, S, D)
@@ -284,13 +301,18 @@ class FastDecoder(nn.Module):
             # GQA without repeating keys: the n_rep query heads that share a kv head sit at one position,
             # so they go in as n_rep "queries" of that kv head, under the same mask row.
             q = q.reshape(1, Hkv, H // Hkv, D)  # (1, Hkv, n_rep, D): query head h -> kv head h // n_rep
-            y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask, scale=self.scaling)
+            y = F.scaled_dot_product_attention(q, cache.k[:, :, :S], cache.v[:, :, :S], attn_mask=mask,
+                                               scale=self.scaling)
             return y.reshape(1, 1, H * D)  # (1, Hkv, n_rep, D) flattens in query-head order h = kv * n_rep + r
 
         x = F.embedding(self.token, self.model.model.embed_tokens.weight)  # (1, 1, C)
         for i in range(len(self.model.model.layers)):
             x = self._layer(i, x, cos, sin, attend)
         return self._head(x)
+
+    def _check(self, logits: torch.Tensor) -> None:
+        """Note NaN/inf logits on the device (a max propagates them); the host reads the flag with the token."""
+        self.healthy.mul_(torch.isfinite(logits.amax()).long())
 
     def _decode_logits(self) -> torch.Tensor:
         """One step; returns the logits (1, V) and advances `pos`. The caller picks the next token."""
@@ -302,6 +324,7 @@ class FastDecoder(nn.Module):
         """One greedy step entirely on the device: the argmax becomes the next step's input token."""
         logits = self._forward_one()
         self.token.copy_(logits.argmax(dim=-1, keepdim=True))
+        self._check(logits)
         self.pos.add_(1)
 
     # -- prefill -------------------------------------------------------------------------------------
@@ -332,6 +355,7 @@ class FastDecoder(nn.Module):
         for i in range(len(self.model.model.layers)):
             x = self._layer(i, x, cos, sin, attend)
         self.pos.fill_(end)
+        self.host_pos = end
         return self._head(x)  # only the last position's logits: a (T, V) head would cost more than a layer
 
     # -- generation ----------------------------------------------------------------------------------
@@ -347,11 +371,13 @@ class FastDecoder(nn.Module):
         todo = [settings] if settings is not None else [SamplingSettings(), SamplingSettings(do_sample=True)]
         for s in todo:
             self.pos.zero_()
+            self.host_pos = 0
             self.token.zero_()
             self.seen.zero_()
             for _ in range(3):  # cudagraph trees record on the second or third call
                 self._step(s, None)
         self.pos.zero_()
+        self.host_pos = 0
 
     def fits(self, prompt_len: int, max_new_tokens: int, input_pos: int = 0) -> bool:
         """Whether a prompt of this length plus max_new_tokens fit the cache."""
@@ -359,14 +385,17 @@ class FastDecoder(nn.Module):
 
     @torch.inference_mode()
     def _start(self, input_ids: torch.Tensor, input_pos: int, settings: SamplingSettings,
-               generator: torch.Generator | None) -> None:
+               generator: torch.Generator | None, history: list[int] | None = None) -> None:
         """Prefill and choose the first token into `self.token`."""
-        self.seen.copy_(seen_tokens(input_ids, self.seen.shape[1]))  # what the repetition penalty counts
+        self.healthy.fill_(1)
+        penalised = input_ids if not history else torch.cat([input_ids.new_tensor([list(history)]), input_ids], 1)
+        self.seen.copy_(seen_tokens(penalised, self.seen.shape[1]))  # what the repetition penalty counts
         logits = self.prefill(input_ids, input_pos)  # (1, V)
         self._choose(logits, settings, generator)
 
     def _choose(self, logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> None:
         """sampling.next_token on the device: the pick becomes the next step's input and is marked seen."""
+        self._check(logits)
         ids = next_token(logits, self.seen, settings, generator)  # (1,)
         self.token.copy_(ids.view(1, 1))
         self.seen.scatter_(1, ids.view(1, 1), True)
@@ -378,10 +407,12 @@ class FastDecoder(nn.Module):
             self._step_greedy()  # the whole step, argmax included, in one graph
         else:
             self._choose(self._step_logits(), settings, generator)
+        self.host_pos += 1
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, settings: SamplingSettings | None = None, *,
                  eos_token_ids: list[int] | tuple[int, ...] | set[int] = (),
-                 generator: torch.Generator | None = None, input_pos: int = 0) -> Iterator[int]:
+                 generator: torch.Generator | None = None, input_pos: int = 0,
+                 history: list[int] | None = None) -> Iterator[int]:
         """Yield up to max_new_tokens token ids after the prompt (1, T) or (T,); stops after yielding an eos id.
 
         settings:  `sampling.SamplingSettings` (a `GenerationConfig` works too); default greedy. Tokens are
@@ -389,6 +420,8 @@ class FastDecoder(nn.Module):
                    regular `generate` draws.
         input_pos: the cache already holds this many tokens from an earlier call (a chat's earlier turns);
                    input_ids are the new tokens only. After a call, `self.cached_tokens` says how many it holds.
+        history:   ids already in the cache that the repetition penalty counts too (a chat's earlier turns).
+        NaN or inf logits raise `MinillamaError` when the token they produced is read.
         Afterwards `self.stop_reason` is "eos" or "length".
         """
         settings = settings or SamplingSettings()
@@ -401,7 +434,7 @@ class FastDecoder(nn.Module):
                                  f"path's cache of {self.max_seq_len} tokens; raise max_seq_len or use fast=False")
         eos = {int(t) for t in eos_token_ids}
         self.stop_reason = None
-        self._start(input_ids, input_pos, settings, generator)
+        self._start(input_ids, input_pos, settings, generator, history)
         self.cached_tokens = input_pos + T
         tokens = self._tokens_pipelined if self.lag else self._tokens_sync
         for i, token_id in enumerate(tokens(max_new_tokens, settings, generator)):
@@ -417,6 +450,7 @@ class FastDecoder(nn.Module):
         for i in range(n_tokens):
             if i > 0:
                 self._step(settings, generator)
+            self._raise_if_unhealthy(int(self.healthy))
             yield int(self.token)
 
     def _tokens_pipelined(self, n_tokens: int, settings: SamplingSettings,
@@ -429,21 +463,30 @@ class FastDecoder(nn.Module):
         """
         ring = self.lag + 1
         cuda = self.token.device.type == "cuda"
-        host = torch.empty(ring, dtype=torch.long, pin_memory=cuda)  # (ring,) pinned: the copy is asynchronous
+        host = torch.empty(ring, 2, dtype=torch.long, pin_memory=cuda)  # (ring, [token, healthy]) pinned: async copy
         copied = [torch.cuda.Event() if cuda else None for _ in range(ring)]  # (on CPU the copy is immediate)
         for i in range(n_tokens + self.lag):
             if i < n_tokens:
                 if i > 0:
                     self._step(settings, generator)
                 with torch.inference_mode():
-                    host[i % ring].copy_(self.token[0, 0], non_blocking=cuda)
+                    host[i % ring, 0].copy_(self.token[0, 0], non_blocking=cuda)
+                    host[i % ring, 1].copy_(self.healthy[0], non_blocking=cuda)
                 if cuda:
                     copied[i % ring].record()
             j = i - self.lag  # the token whose copy was queued `lag` steps ago
             if 0 <= j < n_tokens:
                 if cuda:
                     copied[j % ring].synchronize()
-                yield int(host[j % ring])
+                self._raise_if_unhealthy(int(host[j % ring, 1]))
+                yield int(host[j % ring, 0])
+
+
+    @staticmethod
+    def _raise_if_unhealthy(healthy: int) -> None:
+        if not healthy:
+            raise MinillamaError("the model produced NaN or infinite logits; its weights or the dtype do not work "
+                                 "(try float32)")
 
 
 def decoder_for(model: LlamaForCausalLM, seq_len: int, **kwargs) -> FastDecoder:

@@ -251,21 +251,66 @@ class Generation:
             logits = self._forward(ids[:, None], position_ids, key_padding_mask)
 
     def _hits_stop_string(self, b: int) -> bool:
-        """Whether row b's generated text now contains a stop string."""
-        stops = self.config.stop_strings
-        if not stops:
-            return False
-        # Decode only the tail: a stop string of n characters lies within the last n tokens (a few more
-        # where one character spans several byte tokens), so each step costs the same.
-        window = 4 * max(len(s) for s in stops) + 4
-        text = self.tokenizer.decode(self.tokens[b][-window:])
-        return any(s in text for s in stops)
+        return hits_stop_string(self.tokenizer, self.tokens[b], self.config.stop_strings)
+
+
+def hits_stop_string(tokenizer: Any, tokens: list[int], stops: list[str]) -> bool:
+    """Whether the generated text now contains a stop string."""
+    if not stops:
+        return False
+    # Decode only the tail: a stop string of n characters lies within the last n tokens (a few more
+    # where one character spans several byte tokens), so each step costs the same.
+    window = 4 * max(len(s) for s in stops) + 4
+    text = tokenizer.decode(tokens[-window:])
+    return any(s in text for s in stops)
+
+
+class FastGeneration:
+    """What `generate` returns on the fast path (`minillama/fast.py`): one prompt, the same interface as
+    `Generation` (iterate for ints; `stop_reason`, `tokens`, `input_pos`; `cache` is the FastDecoder,
+    which holds its own static KV cache: pass it back as `cache=` to continue)."""
+
+    def __init__(self, decoder: Any, input_ids: torch.Tensor, config: GenerationConfig,
+                 generator: torch.Generator | None, input_pos: int, tokenizer: Any,
+                 history: Sequence[int] | None):
+        self.cache, self.config, self.tokenizer = decoder, config, tokenizer
+        self.input_pos = input_pos
+        self.stop_reasons: list[str | None] = [None]
+        self.tokens: list[list[int]] = [[]]
+        self._steps = self._run(decoder, input_ids, generator, history)
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.stop_reasons[0]
+
+    def __iter__(self) -> FastGeneration:
+        return self
+
+    def __next__(self) -> int:
+        return next(self._steps)
+
+    def _run(self, decoder: Any, input_ids: torch.Tensor, generator: torch.Generator | None,
+             history: Sequence[int] | None) -> Iterator[int]:
+        cfg, tokens = self.config, self.tokens[0]
+        steps = decoder.generate(input_ids, cfg.max_new_tokens, cfg, eos_token_ids=cfg.eos_token_id,
+                                 generator=generator, input_pos=self.input_pos,
+                                 history=list(history) if history else None)
+        for token in steps:
+            tokens.append(token)
+            self.input_pos = decoder.cached_tokens
+            if hits_stop_string(self.tokenizer, tokens, cfg.stop_strings):
+                self.stop_reasons[0] = STOP_STRING
+                yield token
+                return
+            yield token
+        self.stop_reasons[0] = decoder.stop_reason
 
 
 def generate(model: torch.nn.Module, input_ids: Any, generation_config: GenerationConfig | None = None, *,
              attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
              cache: Any = None, input_pos: int = 0, tokenizer: Any = None, stop_strings: list[str] | None = None,
-             history: Sequence[int] | None = None, **overrides: Any) -> Generation:
+             history: Sequence[int] | None = None, fast: bool | None = None,
+             **overrides: Any) -> Generation | FastGeneration:
     """Generate tokens after a prompt; returns a `Generation` that yields them one step at a time.
 
     input_ids:         one prompt (list of ints, 1-D tensor or (1, T)) -> yields ints;
@@ -279,6 +324,10 @@ def generate(model: torch.nn.Module, input_ids: Any, generation_config: Generati
     tokenizer:         needed for stop strings (anything with `decode(ids) -> str`)
     history:           one prompt only: ids already in the cache (a chat's earlier turns) that the
                        repetition penalty counts too, as it would if the whole conversation were fed again
+    fast:              one prompt: decode with `minillama.fast.FastDecoder` (static cache, fused and packed
+                       weights, CUDA graphs on a GPU), which yields the same tokens. None (default) uses it
+                       where it applies: one prompt, no padding, no `cache` given or a FastDecoder given as
+                       `cache` (how a chat continues), and a non-dynamic RoPE. False: always the plain path.
 
     Every check (settings, ids, context length) happens here, before any model work.
     """
@@ -323,20 +372,34 @@ def generate(model: torch.nn.Module, input_ids: Any, generation_config: Generati
     context = model.config.max_position_embeddings
     if cache is not None:
         context = min(context, cache.max_seq_len)
-        if cache.batch_size != B:
+        if getattr(cache, "batch_size", 1) != B:  # (a FastDecoder holds one row)
             raise MinillamaError(f"the cache holds {cache.batch_size} rows but the prompt has {B}")
     needed = input_pos + T + config.max_new_tokens
     if needed > context:
         raise MinillamaError(f"{input_pos + T} prompt tokens + max_new_tokens={config.max_new_tokens} = {needed} "
                              f"exceeds the context of {context} tokens; shorten the prompt or lower max_new_tokens")
 
-    if cache is None:  # just long enough for this call (the last token is never fed back)
-        cache = model.new_cache(B, input_pos + T + config.max_new_tokens)
+    if history and B != 1:
+        raise MinillamaError("history= is for a single prompt; a batch passes its full ids instead")
     if generator is None and not config.is_greedy:
         generator = torch.Generator(device=device)
         generator.seed()  # fresh entropy; pass a seeded generator to reproduce a run
-    if history and B != 1:
-        raise MinillamaError("history= is for a single prompt; a batch passes its full ids instead")
+
+    from minillama.fast import FastDecoder, decoder_for  # (fast imports this module)
+
+    fast_cache = isinstance(cache, FastDecoder)
+    if fast is None:
+        fast = (B == 1 and attention_mask is None and (cache is None or fast_cache)
+                and model.config.rope_type != "dynamic")
+    if fast:
+        if B != 1 or attention_mask is not None or (cache is not None and not fast_cache):
+            raise MinillamaError("fast=True decodes one unpadded prompt, with no cache or a FastDecoder as cache")
+        decoder = cache if fast_cache else decoder_for(model, needed)
+        return FastGeneration(decoder, input_ids, config, generator, input_pos, tokenizer, history)
+    if fast_cache:
+        raise MinillamaError("a FastDecoder cache needs the fast path; pass fast=True or a KVCache")
+    if cache is None:  # just long enough for this call (the last token is never fed back)
+        cache = model.new_cache(B, needed)
     return Generation(model, input_ids, attention_mask, config, generator, cache, input_pos, tokenizer, batched,
                       history)
 

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise MinillamaError(f"--context must be at least 2 tokens, got {args.context}")
     loaded = load_all(args)
     session = ChatSession(loaded.model, loaded.tokenizer, loaded.generation_config, system=args.system,
-                          seed=args.seed, context=args.context)
+                          seed=args.seed, context=args.context, fast=not args.no_fast)
     if args.load:
         session.load_transcript(read_transcript(args.load))
     interactive = sys.stdin.isatty()

@@ -71,6 +71,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", "-n", type=int, help="the most tokens in one reply")
     g.add_argument("--seed", type=int, help="seed for reproducible sampling")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument("--no-fast", action="store_true",
+                   help="decode with the plain model.forward loop instead of the fast path (same tokens)")
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     config = loaded.generation_config
     generation = generate(loaded.model, ids, config, generator=make_generator(loaded.model.device, args.seed),
-                          tokenizer=tok, stop_strings=args.stop)
+                          tokenizer=tok, stop_strings=args.stop, fast=False if args.no_fast else None)
     stream = tok.stream_decoder(skip_special_tokens=True)
     start = time.perf_counter()
     first = None
