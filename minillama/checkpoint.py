@@ -7,12 +7,14 @@ Only safetensors is read: pickled `.bin` / `.pth` weights can run code when load
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import struct
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors import SafetensorError, safe_open
 
 from minillama.config import LlamaConfig
@@ -123,6 +125,23 @@ def check_safetensors_header(path: Path) -> dict:
     return header
 
 
+@contextlib.contextmanager
+def _no_init():
+    """Skip the random initialisation of parameters that the checkpoint overwrites anyway.
+
+    On the meta device it computes nothing, but nn.Embedding's normal_() on meta pulls in torch._dynamo
+    the first time, which costs ~1 s of a load.
+    """
+    saved = {name: getattr(nn.init, name) for name in ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")}
+    try:
+        for name in saved:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def load_model(path: str | Path, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None) -> LlamaForCausalLM:
     """Load a Hugging Face Llama checkpoint directory; the model comes back in eval mode.
@@ -137,7 +156,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, config, device)
 
-    with torch.device("meta"):  # parameters without storage: filled from the checkpoint below
+    with torch.device("meta"), _no_init():  # parameters without storage: filled from the checkpoint below
         model = LlamaForCausalLM(config)
     expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head is listed once
 

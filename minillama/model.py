@@ -63,7 +63,7 @@ class LlamaRMSNorm(nn.Module):
 
 def default_inv_freq(theta: float, head_dim: int) -> torch.Tensor:
     """inv_freq[i] = 1 / theta^(2i/D): one rotation speed per channel pair, (D/2,), fp32."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
@@ -98,6 +98,8 @@ class LlamaRotaryEmbedding(nn.Module):
             inv_freq = llama3_inv_freq(inv_freq, **config.rope_scaling)
         elif config.rope_type == "linear":
             inv_freq = inv_freq / config.rope_scaling["factor"]
+        # Computed on the CPU, then moved: the same bits on every device, and cheap under a meta context.
+        device = torch.get_default_device() if device is None else device
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)  # (D/2,) fp32
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
