@@ -207,7 +207,8 @@ def test_stream_equals_decode_on_random_text(tok, text):
     ids = tok.encode(text)
     pieces, _ = stream(tok, ids)
     assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
-    assert not any("\ufffd" in p for p in pieces)
+    # no piece holds a replacement character the text did not have (hypothesis may generate U+FFFD itself)
+    assert sum(p.count("\ufffd") for p in pieces) == text.count("\ufffd")
 
 
 def test_stream_decoder_keeps_a_small_window(tok):
