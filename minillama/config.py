@@ -9,13 +9,12 @@ Every value is checked before anything is allocated; a bad one raises `Minillama
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minillama.errors import MinillamaError
+from minillama.errors import MinillamaError, read_json_object
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "dynamic")
@@ -170,10 +169,7 @@ class LlamaConfig:
             path = path / "config.json"
         if not path.is_file():
             raise MinillamaError(f"{path}: not found; a model directory needs a config.json")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MinillamaError(f"{path}: not valid JSON ({e}); re-download or fix the file") from None
+        d = read_json_object(path)
         return cls.from_dict(d, source=str(path))
 
 

@@ -15,7 +15,6 @@ Shapes: B batch, T prompt tokens, V vocabulary, S_max cache slots.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 
-from minillama.errors import MinillamaError
+from minillama.errors import MinillamaError, read_json_object
 from minillama.sampling import SamplingSettings, check_sampling_args, next_token, seen_tokens
 
 STOP_EOS, STOP_LENGTH, STOP_STRING = "eos", "length", "stop_string"
@@ -60,12 +59,7 @@ class GenerationConfig(SamplingSettings):
             file = path / name
             if not file.is_file():
                 continue
-            try:
-                data = json.loads(file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise MinillamaError(f"{file}: not valid JSON ({e}); re-download or fix the file") from None
-            if not isinstance(data, dict):
-                raise MinillamaError(f"{file}: expected a JSON object, got {type(data).__name__}")
+            data = read_json_object(file)
             if name == "config.json":  # only the token ids: its other keys are the model's shape
                 data = {k: data.get(k) for k in ("eos_token_id", "pad_token_id")}
             d.update({k: v for k, v in data.items() if v is not None})

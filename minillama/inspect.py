@@ -18,7 +18,7 @@ import torch
 
 from minillama.checkpoint import _ST_DTYPE_BYTES, check_safetensors_header, weight_files
 from minillama.config import LlamaConfig
-from minillama.errors import MinillamaError
+from minillama.errors import MinillamaError, read_json_object
 from minillama.model import LlamaForCausalLM
 
 # What each file of a Hugging Face model directory is for.
@@ -89,22 +89,12 @@ def config_summary(config: LlamaConfig) -> dict[str, Any]:
     }
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MinillamaError(f"{path}: not valid JSON ({e}); re-download or fix the file") from None
-    if not isinstance(data, dict):
-        raise MinillamaError(f"{path}: expected a JSON object")
-    return data
-
-
 def generation_defaults(model_dir: Path) -> dict[str, Any]:
     """The settings `minillama generate` starts from, and whether generation_config.json set each."""
     from minillama.generation import GenerationConfig
 
     path = model_dir / "generation_config.json"
-    in_file = _read_json(path) if path.is_file() else {}
+    in_file = read_json_object(path) if path.is_file() else {}
     effective = dataclasses.asdict(GenerationConfig.from_model_dir(model_dir))
     return {key: {"value": value, "from": "generation_config.json" if in_file.get(key) is not None else "default"}
             for key, value in effective.items()}
@@ -118,11 +108,11 @@ def _content(token: Any) -> str | None:
 def special_tokens(model_dir: Path) -> dict[str, Any]:
     """The bos/eos/pad/unk roles with their ids, and every special added token."""
     tok_config_path, tok_json_path = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
-    tok_config = _read_json(tok_config_path) if tok_config_path.is_file() else {}
+    tok_config = read_json_object(tok_config_path) if tok_config_path.is_file() else {}
     ids: dict[str, int] = {}  # token text -> id, for added tokens
     special: list[tuple[int, str]] = []
     if tok_json_path.is_file():
-        for t in _read_json(tok_json_path).get("added_tokens", []):
+        for t in read_json_object(tok_json_path).get("added_tokens", []):
             ids[t["content"]] = t["id"]
             if t.get("special"):
                 special.append((t["id"], t["content"]))
@@ -132,7 +122,7 @@ def special_tokens(model_dir: Path) -> dict[str, Any]:
         ids.setdefault(t["content"], int(id_))
     roles_map = tok_config
     if (model_dir / "special_tokens_map.json").is_file():
-        roles_map = {**_read_json(model_dir / "special_tokens_map.json"), **tok_config}
+        roles_map = {**read_json_object(model_dir / "special_tokens_map.json"), **tok_config}
     roles = []
     for role in ("bos_token", "eos_token", "pad_token", "unk_token"):
         text = _content(roles_map.get(role))

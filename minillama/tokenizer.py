@@ -12,7 +12,6 @@ back until the bytes form whole characters.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from minillama.chat_template import (
     Llama3ChatFormat,
     load_chat_template,
 )
-from minillama.errors import MinillamaError
+from minillama.errors import MinillamaError, read_json_object
 
 # A Llama 3 vocabulary has these header tokens; with no template shipped, the built-in format fits it.
 LLAMA3_HEADER_TOKEN = "<|start_header_id|>"
@@ -202,16 +201,6 @@ def _token_content(value: Any, name: str) -> str | None:
     raise MinillamaError(f"tokenizer_config.json: {name} is a {type(value).__name__}, not a token string")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MinillamaError(f"{path} is not readable JSON: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict):
-        raise MinillamaError(f"{path} holds a JSON {type(data).__name__}, not an object")
-    return data
-
-
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load the tokenizer of a model directory (or of a `tokenizer.json` file and its siblings)."""
     path = Path(path)
@@ -229,8 +218,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     config: dict[str, Any] = {}
     special_map = directory / "special_tokens_map.json"
     if special_map.is_file():  # older repos name bos/eos only here
-        config.update(_read_json(special_map))
+        config.update(read_json_object(special_map))
     tokenizer_config = directory / "tokenizer_config.json"
     if tokenizer_config.is_file():
-        config.update({k: v for k, v in _read_json(tokenizer_config).items() if v is not None or k not in config})
+        config.update({k: v for k, v in read_json_object(tokenizer_config).items() if v is not None or k not in config})
     return Tokenizer(backend, config, directory)

@@ -264,7 +264,7 @@ def test_corrupt_files_name_the_file(tmp_path, llama32_tokenizer_dir):
     (tmp_path / "tokenizer.json").unlink()
     (tmp_path / "tokenizer.json").symlink_to(llama32_tokenizer_dir / "tokenizer.json")
     (tmp_path / "tokenizer_config.json").write_text("{not json")
-    with pytest.raises(MinillamaError, match="tokenizer_config.json is not readable JSON"):
+    with pytest.raises(MinillamaError, match="tokenizer_config.json: not valid JSON"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": 5}))
     with pytest.raises(MinillamaError, match="bos_token is a int"):

@@ -9,12 +9,11 @@ for scripting; stats and notices go to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from minillama.cli.common import add_model_args, add_sampling_args, eprint, load_all
-from minillama.errors import MinillamaError
+from minillama.errors import MinillamaError, read_json_object
 
 HELP = """commands:
   /help          this list
@@ -66,12 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def read_transcript(path: str) -> dict:
-    try:
-        return json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MinillamaError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MinillamaError(f"{path}: not a JSON transcript ({e})") from None
+    return read_json_object(Path(path).expanduser())
 
 
 class Repl:
