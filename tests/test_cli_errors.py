@@ -66,3 +66,22 @@ def test_dump_refuses_to_overwrite(chat_model, tmp_path):
     r = run_cli("dump", str(chat_model), "--prompt", "hi", "--out", str(out))
     assert_one_line_error(r, "--force")
     assert out.read_bytes() == b"precious"
+
+
+def test_model_without_a_chat_template(chat_model, tmp_path):
+    """A base model (no template, not a Llama 3 tokenizer) cannot chat: say so and point at --raw."""
+    import json as _json
+
+    base = tmp_path / "base"
+    shutil.copytree(chat_model, base)
+    tokenizer = _json.loads((base / "tokenizer.json").read_text())
+    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if "header_id" not in t["content"]]
+    (base / "tokenizer.json").write_text(_json.dumps(tokenizer))
+    config = _json.loads((base / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {k: v for k, v in config["added_tokens_decoder"].items()
+                                      if "header_id" not in v["content"]}
+    (base / "tokenizer_config.json").write_text(_json.dumps(config))
+    assert_one_line_error(run_cli("chat", str(base), stdin="hi\n"), "has no chat template")
+    assert_one_line_error(run_cli("generate", str(base), "--prompt", "hi"), "pass --raw")
+    r = run_cli("generate", str(base), "--prompt", "hi", "--raw", "-n", "3")
+    assert r.returncode == 0, r.stderr

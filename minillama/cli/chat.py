@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     if args.context is not None and args.context < 2:
         raise MinillamaError(f"--context must be at least 2 tokens, got {args.context}")
     loaded = load_all(args)
+    if loaded.tokenizer.chat_template_source is None:
+        raise MinillamaError(f"{loaded.path} has no chat template, so it cannot chat; "
+                             "use minillama generate --raw to continue plain text")
     session = ChatSession(loaded.model, loaded.tokenizer, loaded.generation_config, system=args.system,
                           seed=args.seed, context=args.context, fast=not args.no_fast)
     if args.load:

@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     tok = loaded.tokenizer
     if args.raw:
         ids = tok.encode(prompt, add_special_tokens=True)
+    elif tok.chat_template_source is None:
+        raise MinillamaError(f"{loaded.path} has no chat template; pass --raw to continue the text as is")
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt}]
