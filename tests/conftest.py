@@ -114,3 +114,21 @@ def smollm2_dir(tmp_path_factory, smollm2_gguf) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINILLAMA_CACHE", str(tmp_path_factory.mktemp("minillama-cache")))
         return default_model()
+
+
+@pytest.fixture(scope="session")
+def llama32_tokenizer(llama32_tokenizer_dir):
+    """minillama's tokenizer on the real Llama 3.2 files (loaded once per session)."""
+    from minillama.tokenizer import load_tokenizer
+
+    return load_tokenizer(llama32_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def llama32_hf_tokenizer(llama32_tokenizer_dir):
+    """transformers' fast tokenizer on the same files, with the same special tokens: the reference."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(llama32_tokenizer_dir / "tokenizer.json"),
+                                   bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                                   pad_token="<|finetune_right_pad_id|>")

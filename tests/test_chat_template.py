@@ -166,20 +166,14 @@ TOOL_CHAT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ours(llama32_tokenizer_dir):
-    """minillama's Llama 3.2 tokenizer (loaded once for this module)."""
-    return load_tokenizer(llama32_tokenizer_dir)
+@pytest.fixture
+def ours(llama32_tokenizer):
+    return llama32_tokenizer
 
 
-@pytest.fixture(scope="module")
-def hf(llama32_tokenizer_dir):
-    """transformers' tokenizer on the same tokenizer.json, with the same special tokens."""
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_file=str(llama32_tokenizer_dir / "tokenizer.json"),
-                                   bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
-                                   pad_token="<|finetune_right_pad_id|>")
+@pytest.fixture
+def hf(llama32_hf_tokenizer):
+    return llama32_hf_tokenizer
 
 
 def hf_render(hf, template, messages, **kwargs):

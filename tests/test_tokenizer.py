@@ -50,20 +50,14 @@ CORPUS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok(llama32_tokenizer_dir):
-    """minillama's Llama 3.2 tokenizer (loaded once for this module)."""
-    return load_tokenizer(llama32_tokenizer_dir)
+@pytest.fixture
+def tok(llama32_tokenizer):
+    return llama32_tokenizer
 
 
-@pytest.fixture(scope="module")
-def hf(llama32_tokenizer_dir):
-    """transformers' fast tokenizer on the same files: the reference."""
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_file=str(llama32_tokenizer_dir / "tokenizer.json"),
-                                   bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
-                                   pad_token="<|finetune_right_pad_id|>")
+@pytest.fixture
+def hf(llama32_hf_tokenizer):
+    return llama32_hf_tokenizer
 
 
 # ---------------------------------------------------------------- the walkthrough
