@@ -27,7 +27,7 @@ def prompt_ids(n: int = 7, seed: int = 0) -> torch.Tensor:
 
 def reference_tokens(model, prompt: torch.Tensor, n: int = N_TOKENS, **settings) -> list[int]:
     """The regular path: generation.generate over model.forward and its KV cache."""
-    return list(generate(model, prompt, max_new_tokens=n, eos_token_id=[], **settings))
+    return list(generate(model, prompt, max_new_tokens=n, eos_token_id=[], fast=False, **settings))
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama32", "tiny_llama2", "tiny_biased"])
@@ -172,3 +172,14 @@ def test_decoder_for_reuses_one_decoder(tiny_llama32):
     assert "_minillama_fast_decoder" not in dict(model.named_modules())
     with pytest.raises(MinillamaError, match="context"):
         decoder_for(model, 10_000)
+
+
+@pytest.mark.parametrize("lag", [0, 3])
+def test_non_finite_logits_raise_when_read(tiny_llama32, lag, tmp_path):
+    """Overflowing activations give inf logits: the device-side flag stops generation with a message."""
+    model = load_model(tiny_llama32, device="cpu")
+    with torch.no_grad():
+        model.model.norm.weight[0] = 3e38  # finite, but x * 3e38 overflows float32
+    fast = FastDecoder(model, max_seq_len=64, compile=False, lag=lag)
+    with pytest.raises(MinillamaError, match="NaN or infinite logits"):
+        list(fast.generate(prompt_ids(), 10))

@@ -62,11 +62,12 @@ def hf_greedy(hf, input_ids, attention_mask=None, **kw) -> torch.Tensor:
     ("tiny_llama32", 1.3, "eager"), ("tiny_llama2", 1.3, "eager"),
     ("lively_llama32", 1.0, "eager"), ("lively_llama32", 1.0, "sdpa"), ("lively_llama2", 1.0, "eager"),
 ])
-def test_greedy_single_matches_transformers(checkpoint, penalty, attn, request):
+@pytest.mark.parametrize("fast", [True, False])  # the fast path (the default for one prompt) and model.forward
+def test_greedy_single_matches_transformers(checkpoint, penalty, attn, fast, request):
     hf, ours = load_pair(request.getfixturevalue(checkpoint), attn)
     prompt = torch.tensor([PROMPTS[0]])
     expected = hf_greedy(hf, prompt, repetition_penalty=penalty)[0].tolist()
-    generation = generate(ours, PROMPTS[0], max_new_tokens=N_NEW, repetition_penalty=penalty)
+    generation = generate(ours, PROMPTS[0], max_new_tokens=N_NEW, repetition_penalty=penalty, fast=fast)
     got = list(generation)
     assert all(isinstance(t, int) for t in got)
     assert got == expected
