@@ -8,6 +8,7 @@ Only safetensors is read: pickled `.bin` / `.pth` weights can run code when load
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import struct
@@ -125,41 +126,14 @@ def check_safetensors_header(path: Path) -> dict:
     return header
 
 
-@contextlib.contextmanager
-def _no_init():
-    """Skip the random initialisation of parameters that the checkpoint overwrites anyway.
+def read_weights(model_dir: Path, model: LlamaForCausalLM, device: torch.device,
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor the (meta) model expects, read from the checkpoint onto `device` in `dtype`.
 
-    On the meta device it computes nothing, but nn.Embedding's normal_() on meta pulls in torch._dynamo
-    the first time, which costs ~1 s of a load.
+    Missing, unexpected and mis-shaped tensors are collected and reported in one error; NaN/inf is refused.
     """
-    saved = {name: getattr(nn.init, name) for name in ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")}
-    try:
-        for name in saved:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
-
-
-def load_model(path: str | Path, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None) -> LlamaForCausalLM:
-    """Load a Hugging Face Llama checkpoint directory; the model comes back in eval mode.
-
-    device: "cpu", "cuda", ... (default: CUDA if present, else CPU).
-    dtype:  "float32", "bfloat16", "float16" (default: the checkpoint's on a GPU, float32 on CPU).
-    """
-    model_dir = Path(path)
-    if not model_dir.is_dir():
-        raise MinillamaError(f"{model_dir}: not a directory; pass a model directory or a hub id")
-    config = LlamaConfig.from_file(model_dir)
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, config, device)
-
-    with torch.device("meta"), _no_init():  # parameters without storage: filled from the checkpoint below
-        model = LlamaForCausalLM(config)
+    config = model.config
     expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head is listed once
-
     state: dict[str, torch.Tensor] = {}
     problems: list[str] = []
     for file in weight_files(model_dir):
@@ -167,7 +141,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
         try:
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings):
+                    tied_head = name == "lm_head.weight" and config.tie_word_embeddings
+                    if name.endswith("rotary_emb.inv_freq") or tied_head:
                         continue  # recomputed from config / shared with the embedding
                     if name not in expected:
                         problems.append(f"unexpected tensor {name}")
@@ -188,9 +163,60 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
         if (t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float32))  # it may also overflow,
                 and not torch.isfinite(t).all()):  # so a non-finite sum is confirmed element by element
             raise MinillamaError(f"{model_dir}: tensor {name} holds NaN or inf values; the checkpoint is broken")
+    return state
 
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = LlamaRotaryEmbedding(config, device=device)  # buffers are not in checkpoints
+
+@contextlib.contextmanager
+def _no_init():
+    """Skip the random initialisation of parameters that the checkpoint overwrites anyway.
+
+    On the meta device it computes nothing, but nn.Embedding's normal_() on meta pulls in torch._dynamo
+    the first time, which costs ~1 s of a load.
+    """
+    saved = {name: getattr(nn.init, name) for name in ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")}
+    try:
+        for name in saved:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Building ~400 modules and ~300 tensors allocates enough objects to start a full garbage collection
+    over everything torch imported (~0.08 s, most of a small model's load); nothing here is garbage, so
+    collection waits until the load is done."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> LlamaForCausalLM:
+    """Load a Hugging Face Llama checkpoint directory; the model comes back in eval mode.
+
+    device: "cpu", "cuda", ... (default: CUDA if present, else CPU).
+    dtype:  "float32", "bfloat16", "float16" (default: the checkpoint's on a GPU, float32 on CPU).
+    """
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise MinillamaError(f"{model_dir}: not a directory; pass a model directory or a hub id")
+    config = LlamaConfig.from_file(model_dir)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, config, device)
+
+    with _gc_paused():
+        with torch.device("meta"), _no_init():  # parameters without storage: filled from the checkpoint
+            model = LlamaForCausalLM(config)
+        state = read_weights(model_dir, model, device, dtype)
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.model.rotary_emb = LlamaRotaryEmbedding(config, device=device)  # buffers are not in checkpoints
     return model.eval()

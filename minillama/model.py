@@ -41,8 +41,9 @@ class Observable(nn.Module):
 class LlamaRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))  # (C,)
+        self.weight = nn.Parameter(torch.empty(hidden_size))  # (C,)
         self.variance_epsilon = eps
+        nn.init.ones_(self.weight)  # a fresh norm scales by 1 (like nn.LayerNorm: empty, then init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 even for a bf16 model, cast back, and only then scale by the weight:
