@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
                           seed=args.seed, context=args.context, fast=not args.no_fast)
     if args.load:
         session.load_transcript(read_transcript(args.load))
+    if getattr(session.cache, "compiled", False):  # CUDA graphs: compile now, not in the middle of a reply
+        eprint("minillama: compiling the decode step for this GPU (once per session)...")
+        session.cache.warmup(session.config)
     interactive = sys.stdin.isatty()
     if interactive:
         try:
