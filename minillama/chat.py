@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from minillama.errors import MinillamaError
-from minillama.fast import FastDecoder
+from minillama.fast import FastDecoder, fast_path_applies
 from minillama.generation import STOP_LENGTH, GenerationConfig, generate
+from minillama.sampling import make_generator
 
 DEFAULT_CONTEXT = 8192  # KV cache slots allocated when the model's own context is longer
 
@@ -60,7 +61,7 @@ class ChatSession:
         self.seed = seed
         self.context = min(model.config.max_position_embeddings, context or DEFAULT_CONTEXT)
         # The session's own cache: a FastDecoder (static cache, the fast decode path) where it applies.
-        if fast and model.config.rope_type != "dynamic":
+        if fast and fast_path_applies(model):
             self.cache = FastDecoder(model, max_seq_len=self.context)
         else:
             self.cache = model.new_cache(batch_size=1, max_seq_len=self.context)
@@ -71,11 +72,7 @@ class ChatSession:
         """Forget the conversation (the system prompt stays) and restart the random stream."""
         self.messages: list[dict[str, str]] = []
         self.cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
-        self.generator = torch.Generator(device=self.model.device)
-        if self.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(self.seed)
+        self.generator = make_generator(self.model.device, self.seed)
         self.last_stats: TurnStats | None = None
 
     def set_system(self, text: str | None) -> None:

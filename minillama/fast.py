@@ -489,6 +489,12 @@ class FastDecoder(nn.Module):
                                  "(try float32)")
 
 
+def fast_path_applies(model: LlamaForCausalLM) -> bool:
+    """Whether a FastDecoder can run this model: its RoPE table is computed once, which dynamic NTK
+    scaling (frequencies that change with the sequence length) does not allow."""
+    return model.config.rope_type != "dynamic"
+
+
 def decoder_for(model: LlamaForCausalLM, seq_len: int, **kwargs) -> FastDecoder:
     """The model's FastDecoder with room for seq_len tokens, made once and kept on the model.
 

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from minillama.errors import MinillamaError, read_json_object
-from minillama.sampling import SamplingSettings, check_sampling_args, next_token, seen_tokens
+from minillama.fast import FastDecoder, decoder_for, fast_path_applies
+from minillama.sampling import SamplingSettings, check_sampling_args, make_generator, next_token, seen_tokens
 
 STOP_EOS, STOP_LENGTH, STOP_STRING = "eos", "length", "stop_string"
 
@@ -245,21 +246,18 @@ class Generation:
             logits = self._forward(ids[:, None], position_ids, key_padding_mask)
 
     def _hits_stop_string(self, b: int) -> bool:
-        return hits_stop_string(self.tokenizer, self.tokens[b], self.config.stop_strings)
+        """Whether row b's generated text now contains a stop string."""
+        stops = self.config.stop_strings
+        if not stops:
+            return False
+        # Decode only the tail: a stop string of n characters lies within the last n tokens (a few more
+        # where one character spans several byte tokens), so each step costs the same.
+        window = 4 * max(len(s) for s in stops) + 4
+        text = self.tokenizer.decode(self.tokens[b][-window:])
+        return any(s in text for s in stops)
 
 
-def hits_stop_string(tokenizer: Any, tokens: list[int], stops: list[str]) -> bool:
-    """Whether the generated text now contains a stop string."""
-    if not stops:
-        return False
-    # Decode only the tail: a stop string of n characters lies within the last n tokens (a few more
-    # where one character spans several byte tokens), so each step costs the same.
-    window = 4 * max(len(s) for s in stops) + 4
-    text = tokenizer.decode(tokens[-window:])
-    return any(s in text for s in stops)
-
-
-class FastGeneration:
+class FastGeneration(Generation):
     """What `generate` returns on the fast path (`minillama/fast.py`): one prompt, the same interface as
     `Generation` (iterate for ints; `stop_reason`, `tokens`, `input_pos`; `cache` is the FastDecoder,
     which holds its own static KV cache: pass it back as `cache=` to continue)."""
@@ -271,20 +269,10 @@ class FastGeneration:
         self.input_pos = input_pos
         self.stop_reasons: list[str | None] = [None]
         self.tokens: list[list[int]] = [[]]
-        self._steps = self._run(decoder, input_ids, generator, history)
+        self._steps = self._run_fast(decoder, input_ids, generator, history)
 
-    @property
-    def stop_reason(self) -> str | None:
-        return self.stop_reasons[0]
-
-    def __iter__(self) -> FastGeneration:
-        return self
-
-    def __next__(self) -> int:
-        return next(self._steps)
-
-    def _run(self, decoder: Any, input_ids: torch.Tensor, generator: torch.Generator | None,
-             history: Sequence[int] | None) -> Iterator[int]:
+    def _run_fast(self, decoder: Any, input_ids: torch.Tensor, generator: torch.Generator | None,
+                  history: Sequence[int] | None) -> Iterator[int]:
         cfg, tokens = self.config, self.tokens[0]
         steps = decoder.generate(input_ids, cfg.max_new_tokens, cfg, eos_token_ids=cfg.eos_token_id,
                                  generator=generator, input_pos=self.input_pos,
@@ -292,11 +280,12 @@ class FastGeneration:
         for token in steps:
             tokens.append(token)
             self.input_pos = decoder.cached_tokens
-            if hits_stop_string(self.tokenizer, tokens, cfg.stop_strings):
+            stop = self._hits_stop_string(0)
+            if stop:
                 self.stop_reasons[0] = STOP_STRING
-                yield token
-                return
             yield token
+            if stop:
+                return
         self.stop_reasons[0] = decoder.stop_reason
 
 
@@ -376,15 +365,11 @@ def generate(model: torch.nn.Module, input_ids: Any, generation_config: Generati
     if history and B != 1:
         raise MinillamaError("history= is for a single prompt; a batch passes its full ids instead")
     if generator is None and not config.is_greedy:
-        generator = torch.Generator(device=device)
-        generator.seed()  # fresh entropy; pass a seeded generator to reproduce a run
-
-    from minillama.fast import FastDecoder, decoder_for  # (fast imports this module)
+        generator = make_generator(device)  # fresh entropy; pass a seeded generator to reproduce a run
 
     fast_cache = isinstance(cache, FastDecoder)
     if fast is None:
-        fast = (B == 1 and attention_mask is None and (cache is None or fast_cache)
-                and model.config.rope_type != "dynamic")
+        fast = B == 1 and attention_mask is None and (cache is None or fast_cache) and fast_path_applies(model)
     if fast:
         if B != 1 or attention_mask is not None or (cache is not None and not fast_cache):
             raise MinillamaError("fast=True decodes one unpadded prompt, with no cache or a FastDecoder as cache")
@@ -396,11 +381,3 @@ def generate(model: torch.nn.Module, input_ids: Any, generation_config: Generati
         cache = model.new_cache(B, needed)
     return Generation(model, input_ids, attention_mask, config, generator, cache, input_pos, tokenizer, batched,
                       history)
-
-
-def generate_text(model: torch.nn.Module, tokenizer: Any, prompt: str,
-                  generation_config: GenerationConfig | None = None, **overrides: Any) -> str:
-    """Plain text in, generated text out (no chat template); a convenience around `generate`."""
-    ids = tokenizer.encode(prompt, add_special_tokens=True)
-    generation = generate(model, ids, generation_config, tokenizer=tokenizer, **overrides)
-    return tokenizer.decode(list(generation), skip_special_tokens=True)

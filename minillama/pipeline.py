@@ -20,6 +20,7 @@ import torch
 
 from minillama.checkpoint import load_model
 from minillama.generation import Generation, GenerationConfig, generate
+from minillama.sampling import make_generator
 from minillama.tokenizer import load_tokenizer
 
 Messages = Sequence[Mapping[str, Any]]
@@ -43,11 +44,7 @@ class ChatPipeline:
                  seed: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.generation_config = generation_config or GenerationConfig()
-        self.generator = torch.Generator(device=model.device)
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self.generator = make_generator(model.device, seed)
         self.last_generation: Generation | None = None
 
     def __call__(self, messages: Messages | str, chat_template_kwargs: dict[str, Any] | None = None,

@@ -39,6 +39,16 @@ class SamplingSettings:
         return not self.do_sample or self.temperature == 0
 
 
+def make_generator(device: torch.device | str, seed: int | None = None) -> torch.Generator:
+    """The one source of randomness for sampling: seeded to reproduce a run, or fresh entropy."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
 # ---- Validation ------------------------------------------------------------------------------------
 
 def check_sampling_args(*, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,

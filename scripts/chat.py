@@ -20,7 +20,7 @@ from minillama import GenerationConfig, LlamaForCausalLM, MinillamaError, Tokeni
 from minillama import load_model, load_tokenizer, resolve_model
 from minillama.hub import DEFAULT_MODEL
 from minillama.inspect import token_table, visible
-from minillama.sampling import greedy, process_logits, sample
+from minillama.sampling import greedy, make_generator, process_logits, sample
 
 
 def log(*parts: object) -> None:
@@ -105,11 +105,7 @@ def main() -> int:
             do_sample=None if args.temperature is None else args.temperature > 0)
         tokenizer = load_tokenizer(path)
         model = load_model(path, device=args.device, dtype=args.dtype)
-        generator = torch.Generator(device=model.device)  # all randomness comes from here
-        if args.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(args.seed)
+        generator = make_generator(model.device, args.seed)  # all randomness comes from here
 
         # 1. messages: the conversation as a list of {"role", "content"} dicts.
         messages = [{"role": "system", "content": args.system}] if args.system else []

@@ -115,15 +115,5 @@ def load_all(args: argparse.Namespace) -> Loaded:
     return Loaded(path, model, tokenizer, generation_config, time.perf_counter() - start)
 
 
-def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
-    """A torch.Generator on the model's device: seeded if asked, fresh entropy otherwise."""
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
-
-
 def eprint(*parts: object) -> None:
     print(*parts, file=sys.stderr, flush=True)

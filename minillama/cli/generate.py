@@ -6,8 +6,9 @@ import argparse
 import sys
 import time
 
-from minillama.cli.common import add_model_args, add_sampling_args, eprint, load_all, make_generator
+from minillama.cli.common import add_model_args, add_sampling_args, eprint, load_all
 from minillama.errors import MinillamaError
+from minillama.sampling import make_generator
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from minillama.chat import TurnStats
     from minillama.generation import generate
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -51,8 +53,6 @@ def run(args: argparse.Namespace) -> int:
     print(stream.flush(), flush=True)
     end = time.perf_counter()
     n = len(generation.tokens[0])
-    prefill = (first or end) - start
-    decode = end - (first or end)
-    eprint(f"[prompt: {len(ids)} tokens, {len(ids) / prefill if prefill else 0:.1f} tok/s | "
-           f"completion: {n} tokens, {(n - 1) / decode if decode else 0:.1f} tok/s | stop: {generation.stop_reason}]")
+    first = first or end
+    eprint(TurnStats(len(ids), first - start, n, end - first, generation.stop_reason, len(ids) + n).line())
     return 0
