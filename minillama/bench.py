@@ -144,15 +144,19 @@ def run_minillama(spec: dict[str, Any]) -> dict[str, Any]:
 
     start = time.perf_counter()
     fast = None
+    extra = {}
     if spec["fast"]:  # setting up the fast path (fusing, packing, compiling) counts as warm-up
-        fast = FastDecoder(model, max_seq_len=P + N, compile=spec["compile"])
+        options = {"compile": spec["compile"], **spec.get("fast_options", {})}  # a variant's own options win
+        fast = FastDecoder(model, max_seq_len=P + N, **options)
         fast.warmup(SamplingSettings())  # the greedy step, which the benchmark times
+        if fast.compiled and device.type == "cuda":
+            extra["cudagraph_skips"] = fast.cudagraph_skips
     run_generate(min(N, 4))
     prefill()
     _sync(device)
     warmup_s = time.perf_counter() - start
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
-    return {"load_s": load_s, "warmup_s": warmup_s, "weight_bytes": weight_bytes,
+    return {"load_s": load_s, "warmup_s": warmup_s, "weight_bytes": weight_bytes, **extra,
             **_measure(spec, device, prefill, run_generate)}
 
 
@@ -263,6 +267,28 @@ def run_copy(spec: dict[str, Any]) -> dict[str, Any]:
 WORKERS = {"minillama": run_minillama, "transformers": run_transformers, "transformers-static": run_transformers,
            "copy": run_copy}
 
+# Variants of the minillama side, named "minillama:attention=math/tuning=off": FastDecoder options to compare
+# in one run (each variant is its own side, in its own process).
+VARIANT_OPTIONS = {"attention": {"sdpa": "sdpa", "math": "math"}, "tuning": {"on": True, "off": False},
+                   "compile": {"on": True, "off": False}, "lag": {str(n): n for n in range(9)}}
+
+
+def parse_side(side: str) -> tuple[str, dict[str, Any]]:
+    """'minillama:attention=math/tuning=off' -> ('minillama', {'attention': 'math', 'tuning': False})."""
+    name, _, variant = side.partition(":")
+    if name not in WORKERS or name == "copy":
+        raise MinillamaError(f"unknown side {name!r}; choose from minillama, transformers, transformers-static")
+    options: dict[str, Any] = {}
+    if variant and name != "minillama":
+        raise MinillamaError(f"side {side!r}: only minillama has variants (minillama:attention=math)")
+    for item in filter(None, variant.split("/")):
+        key, _, value = item.partition("=")
+        if key not in VARIANT_OPTIONS or value not in VARIANT_OPTIONS[key]:
+            choices = "; ".join(f"{k}={'|'.join(v) if k != 'lag' else '0..8'}" for k, v in VARIANT_OPTIONS.items())
+            raise MinillamaError(f"side {side!r}: unknown option {item!r}; choose from {choices}")
+        options[key] = VARIANT_OPTIONS[key][value]
+    return name, options
+
 
 def worker_main(spec_json: str) -> None:
     """Run one side and print its figures as one JSON line after RESULT_MARK."""
@@ -272,7 +298,7 @@ def worker_main(spec_json: str) -> None:
     device = resolve_device(spec["device"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = WORKERS[spec["side"]](spec)
+    result = WORKERS[spec["side"].partition(":")[0]](spec)
     if spec["side"] != "copy":
         result["peak_mem_mb"], result["mem_kind"] = _peak_memory_mb(device)
     print(RESULT_MARK + json.dumps(result), flush=True)
@@ -314,9 +340,9 @@ def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None,
 
     dev = resolve_device(device)
     sides = sides or default_sides(dev)
-    unknown = [s for s in sides if s not in WORKERS or s == "copy"]
-    if unknown:
-        raise MinillamaError(f"unknown side {unknown[0]!r}; choose from minillama, transformers, transformers-static")
+    variants = {side: parse_side(side)[1] for side in sides}  # checks every side before any work
+    if len(set(sides)) != len(sides):
+        raise MinillamaError("a side is named twice in --sides")
     if prompt_len < 1 or new_tokens < 1 or repeats < 1:
         raise MinillamaError("--prompt-len, --new-tokens and --repeats must be at least 1")
     progress = progress or (lambda message: None)
@@ -345,12 +371,24 @@ def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None,
         results = {}
         for side in sides:
             progress(f"running {side}")
-            results[side] = run_worker({**base, "side": side})
+            results[side] = run_worker({**base, "side": side, "fast_options": variants[side]})
+            progress(f"{side}: " + summary(results[side]))
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     context = {"device": device_name,
                "dtype": base["dtype"], "model": name, "prompt_len": prompt_len, "new_tokens": new_tokens,
                "fast": fast}
     return figures(results, copy["copy_gb_s"], context)
+
+
+def summary(result: dict[str, Any]) -> str:
+    """One side's main figures on one line (progress output, so a cut-short run still shows them)."""
+    parts = [f"load {result['load_s']:.2f} s", f"warm-up {result['warmup_s']:.1f} s",
+             f"prompt {result['prompt_tok_s']:,.0f} tok/s", f"TTFT {result['ttft_s'] * 1000:.1f} ms"]
+    if result.get("decode_tok_s"):
+        parts.append(f"decode {result['decode_tok_s']:,.1f} tok/s")
+    if "cudagraph_skips" in result:
+        parts.append(f"cudagraph skips {result['cudagraph_skips']}")
+    return ", ".join(parts)
 
 
 UNITS = {"load_s": "s", "warmup_s": "s", "prompt_tok_s": "tok/s", "ttft_s": "s", "decode_tok_s": "tok/s",
@@ -361,7 +399,8 @@ def figures(results: dict[str, dict[str, Any]], copy_gb_s: float, context: dict[
     """Flatten per-side results into figure records, add ratios (minillama / each reference) and bandwidth use."""
     records: list[dict[str, Any]] = [{"figure": "copy_gb_s", "side": "device", "value": copy_gb_s, "unit": "GB/s",
                                       **context}]
-    weight_bytes = results.get("minillama", {}).get("weight_bytes")
+    ours = [side for side in results if parse_side(side)[0] == "minillama"]  # minillama and its variants
+    weight_bytes = next((results[side]["weight_bytes"] for side in ours), None)
     for side, r in results.items():
         if weight_bytes and r.get("decode_tok_s"):
             r["bandwidth_fraction"] = r["decode_tok_s"] * weight_bytes / (copy_gb_s * 1e9)
@@ -369,25 +408,29 @@ def figures(results: dict[str, dict[str, Any]], copy_gb_s: float, context: dict[
             if r.get(key) is not None:
                 extra = {"mem_kind": r["mem_kind"]} if key == "peak_mem_mb" else {}
                 records.append({"figure": key, "side": side, "value": r[key], "unit": unit, **extra, **context})
+        if "cudagraph_skips" in r:
+            records.append({"figure": "cudagraph_skips", "side": side, "value": r["cudagraph_skips"],
+                            "unit": "graphs", **context})
     if weight_bytes:
         records.append({"figure": "weight_bytes", "side": "minillama", "value": weight_bytes, "unit": "B", **context})
-    mine = results.get("minillama")
-    for ref, r in results.items():
-        if mine is None or ref == "minillama":
-            continue
-        for key in ("decode_tok_s", "prompt_tok_s", "ttft_s", "load_s", "peak_mem_mb"):
-            if mine.get(key) and r.get(key):
-                better = "higher" if key.endswith("tok_s") else "lower"
-                records.append({"figure": key.removesuffix("_tok_s").removesuffix("_s") + "_ratio",
-                                "side": f"minillama/{ref}", "value": mine[key] / r[key], "unit": "x",
-                                "better": better, **context})
-        same = 0
-        for a, b in zip(mine["tokens"], r["tokens"]):
-            if a != b:
-                break
-            same += 1
-        records.append({"figure": "tokens_agree", "side": f"minillama/{ref}", "value": same, "unit": "tokens",
-                        **context})
+    for side in ours:
+        mine = results[side]
+        for ref, r in results.items():
+            if ref in ours:
+                continue
+            for key in ("decode_tok_s", "prompt_tok_s", "ttft_s", "load_s", "peak_mem_mb"):
+                if mine.get(key) and r.get(key):
+                    better = "higher" if key.endswith("tok_s") else "lower"
+                    records.append({"figure": key.removesuffix("_tok_s").removesuffix("_s") + "_ratio",
+                                    "side": f"{side}/{ref}", "value": mine[key] / r[key], "unit": "x",
+                                    "better": better, **context})
+            same = 0
+            for a, b in zip(mine["tokens"], r["tokens"]):
+                if a != b:
+                    break
+                same += 1
+            records.append({"figure": "tokens_agree", "side": f"{side}/{ref}", "value": same, "unit": "tokens",
+                            **context})
     return records
 
 
@@ -402,20 +445,26 @@ def format_table(records: list[dict[str, Any]]) -> str:
                ("decode_tok_s", "decode tok/s", "{:.1f}"), ("peak_mem_mb", "peak MB", "{:.0f}"),
                ("bandwidth_fraction", "of copy bw", "{:.1%}")]
     sides = [r["side"] for r in records if r["figure"] == "load_s"]
-    lines.append(f"{'side':<20}" + "".join(f"{title:>14}" for _, title, _ in columns))
+    width = max([20] + [len(side) + 2 for side in sides])
+    lines.append(f"{'side':<{width}}" + "".join(f"{title:>14}" for _, title, _ in columns))
     for side in sides:
-        row = f"{side:<20}"
+        row = f"{side:<{width}}"
         for key, _, fmt in columns:
             value = next((r["value"] for r in records if r["figure"] == key and r["side"] == side), None)
             if key == "ttft_s" and value is not None:
                 value *= 1000
             row += f"{'-' if value is None else fmt.format(value):>14}"
         lines.append(row)
+    pairs = [r["side"] for r in records if r["figure"] == "tokens_agree"]
+    width = max([36] + [len(pair) + 1 for pair in pairs])
     for r in records:
         if r["figure"].endswith("_ratio"):
-            lines.append(f"{r['side']:<36} {r['figure']:<14} {r['value']:.2f}x ({r['better']} is better)")
+            lines.append(f"{r['side']:<{width}} {r['figure']:<17} {r['value']:.2f}x ({r['better']} is better)")
         elif r["figure"] == "tokens_agree":
-            lines.append(f"{r['side']:<36} greedy tokens agree for the first {r['value']}")
+            lines.append(f"{r['side']:<{width}} greedy tokens agree for the first {r['value']}")
+        elif r["figure"] == "cudagraph_skips" and r["value"]:
+            lines.append(f"{r['side']}: {r['value']} CUDA graph(s) skipped by torch.compile (slow decode; "
+                         "TORCH_LOGS=cudagraphs says why)")
     return "\n".join(lines)
 
 

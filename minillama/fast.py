@@ -22,6 +22,8 @@ Design notes and measurements: docs/fast-path.md, docs/benchmarks.md.
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -156,6 +158,23 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def _cudagraph_skips() -> int:
+    """Inductor's running count of graphs it compiled without CUDA graphs (it logs each reason)."""
+    if "torch._dynamo" not in sys.modules:  # nothing compiled yet, and not worth importing for the answer
+        return 0
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def compile_options(device: torch.device, tuning: bool | None = None) -> dict[str, bool] | None:
+    """Inductor options for the step: on CUDA, CUDA graphs (mode="reduce-overhead") plus coordinate-descent
+    tuning unless tuning=False; elsewhere the defaults."""
+    if device.type != "cuda":
+        return None
+    return {"triton.cudagraphs": True, "coordinate_descent_tuning": tuning is not False}
+
+
 def default_compile(device: torch.device) -> bool:
     """Compile by default on CUDA (CUDA graphs); eager elsewhere unless MINILLAMA_COMPILE=1."""
     env = os.environ.get("MINILLAMA_COMPILE")
@@ -181,11 +200,20 @@ class FastDecoder(nn.Module):
     lag:         how many steps behind the device the host reads tokens; None: 4 on CUDA, 0 elsewhere.
     pack:        keep oneDNN-packed copies of the matrices for step and prefill (CPU, float32, eager: ~1.9x faster
                  decode, one more copy of the weights in memory). None: whenever possible.
+    attention:   how the step attends over the cache: "sdpa" (F.scaled_dot_product_attention, one fused kernel)
+                 or "math" (model.py's eager attention: two matmuls and an fp32 softmax, which the compiler
+                 schedules its own way). The same numbers up to rounding; which is faster is a benchmark's call.
+    tuning:      when compiling on CUDA, Inductor's coordinate-descent tuning (it also turns each 1-row matmul
+                 into a reduction kernel that fuses with its neighbours); None: on. Costs compile time.
     """
 
     def __init__(self, model: LlamaForCausalLM, max_seq_len: int | None = None, compile: bool | None = None,
-                 fuse: bool = True, lag: int | None = None, pack: bool | None = None):
+                 fuse: bool = True, lag: int | None = None, pack: bool | None = None, attention: str = "sdpa",
+                 tuning: bool | None = None):
         super().__init__()
+        if attention not in ("sdpa", "math"):
+            raise MinillamaError(f"attention={attention!r}: choose 'sdpa' or 'math'")
+        self.attention = attention
         config = model.config
         self.model = model
         max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
@@ -232,10 +260,11 @@ class FastDecoder(nn.Module):
         self.lag = (4 if device.type == "cuda" else 0) if lag is None else lag
         self._step_greedy = self._decode_greedy
         self._step_logits = self._decode_logits
+        self.cudagraph_skips = 0  # after warmup(): how many graphs Inductor could not capture (0 is right)
         if self.compiled:
-            mode = "reduce-overhead" if device.type == "cuda" else None
-            self._step_greedy = torch.compile(self._decode_greedy, mode=mode, fullgraph=True)
-            self._step_logits = torch.compile(self._decode_logits, mode=mode, fullgraph=True)
+            options = compile_options(device, tuning)
+            self._step_greedy = torch.compile(self._decode_greedy, fullgraph=True, options=options)
+            self._step_logits = torch.compile(self._decode_logits, fullgraph=True, options=options)
 
     # -- one token ---------------------------------------------------------------------------------------
 
@@ -301,8 +330,12 @@ class FastDecoder(nn.Module):
             # GQA without repeating keys: the n_rep query heads that share a kv head sit at one position,
             # so they go in as n_rep "queries" of that kv head, under the same mask row.
             q = q.reshape(1, Hkv, H // Hkv, D)  # (1, Hkv, n_rep, D): query head h -> kv head h // n_rep
-            y = F.scaled_dot_product_attention(q, cache.k[:, :, :S], cache.v[:, :, :S], attn_mask=mask,
-                                               scale=self.scaling)
+            keys, values = cache.k[:, :, :S], cache.v[:, :, :S]  # (1, Hkv, S, D)
+            if self.attention == "sdpa":
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+            else:  # model.py's eager attention, with the mask added
+                scores = (q @ keys.transpose(2, 3)) * self.scaling + mask  # (1, Hkv, n_rep, S)
+                y = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values  # (1, Hkv, n_rep, D)
             return y.reshape(1, 1, H * D)  # (1, Hkv, n_rep, D) flattens in query-head order h = kv * n_rep + r
 
         x = F.embedding(self.token, self.model.model.embed_tokens.weight)  # (1, 1, C)
@@ -369,6 +402,7 @@ class FastDecoder(nn.Module):
         prefill overwrites what it needs.
         """
         todo = [settings] if settings is not None else [SamplingSettings(), SamplingSettings(do_sample=True)]
+        skips_before = _cudagraph_skips()
         for s in todo:
             self.pos.zero_()
             self.host_pos = 0
@@ -378,6 +412,11 @@ class FastDecoder(nn.Module):
                 self._step(s, None)
         self.pos.zero_()
         self.host_pos = 0
+        if self.compiled and self.pos.device.type == "cuda":
+            self.cudagraph_skips += _cudagraph_skips() - skips_before
+            if self.cudagraph_skips:
+                warnings.warn("torch.compile could not capture the decode step as a CUDA graph, so decoding is several "
+                              "times slower; run with TORCH_LOGS=cudagraphs to see why", RuntimeWarning, stacklevel=2)
 
     def fits(self, prompt_len: int, max_new_tokens: int, input_pos: int = 0) -> bool:
         """Whether a prompt of this length plus max_new_tokens fit the cache."""

@@ -34,10 +34,14 @@ def test_bench_json_tiny(capsys):
     assert all(r["device"].startswith("cpu") and r["dtype"] == "float32" for r in records)
 
 
-def test_bench_table_and_regular_path(capsys):
-    assert main(["bench", "--tiny", "--prompt-len", "4", "-n", "3", "--no-fast", "--sides", "minillama"]) == 0
+def test_bench_table_and_regular_path(capsys, tmp_path):
+    jsonl = tmp_path / "figures.jsonl"
+    assert main(["bench", "--tiny", "--prompt-len", "4", "-n", "3", "--no-fast", "--sides", "minillama",
+                 "--json-file", str(jsonl)]) == 0
     out = capsys.readouterr().out
-    assert "decode tok/s" in out and "fast path off" in out
+    assert "decode tok/s" in out and "fast path off" in out  # the table, while the JSON lines went to the file
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert any(r["figure"] == "decode_tok_s" and r["side"] == "minillama" for r in records)
 
 
 def test_bench_rejects_bad_arguments(capsys):
@@ -77,6 +81,43 @@ def test_ratios_and_bandwidth_fraction():
     assert by[("bandwidth_fraction", "minillama")] == pytest.approx(50 * 2e8 / 20e9)
     assert by[("tokens_agree", "minillama/transformers")] == 2
     assert "decode_ratio" in format_table(records)
+
+
+def test_variant_sides_parse_and_get_their_own_ratios():
+    from minillama.bench import parse_side
+
+    assert parse_side("minillama:attention=math/tuning=off/lag=2") == (
+        "minillama", {"attention": "math", "tuning": False, "lag": 2})
+    assert parse_side("transformers-static") == ("transformers-static", {})
+    for bad, message in (("minillama:attention=flash", "unknown option 'attention=flash'"),
+                         ("transformers:attention=math", "only minillama has variants"),
+                         ("vllm", "unknown side 'vllm'")):
+        with pytest.raises(MinillamaError, match=message):
+            parse_side(bad)
+    side = {"load_s": 1.0, "decode_tok_s": 50.0, "prompt_tok_s": 100.0, "ttft_s": 0.5, "peak_mem_mb": 500.0,
+            "mem_kind": "cuda_max_allocated", "weight_bytes": 2e8, "tokens": [1, 2, 3], "cudagraph_skips": 0}
+    results = {"minillama": side, "minillama:attention=math": {**side, "decode_tok_s": 100.0, "cudagraph_skips": 1},
+               "transformers-static": {**side, "decode_tok_s": 25.0, "tokens": [1, 5, 3]}}
+    context = {"device": "cuda", "dtype": "bfloat16", "model": "m", "prompt_len": 8, "new_tokens": 3, "fast": True}
+    records = figures(results, 20.0, context)
+    by = {(r["figure"], r["side"]): r["value"] for r in records}
+    assert by[("decode_ratio", "minillama/transformers-static")] == 2.0
+    assert by[("decode_ratio", "minillama:attention=math/transformers-static")] == 4.0
+    assert ("decode_ratio", "minillama:attention=math/minillama") not in by  # variants are not compared to each other
+    assert by[("tokens_agree", "minillama:attention=math/transformers-static")] == 1
+    assert by[("cudagraph_skips", "minillama:attention=math")] == 1
+    table = format_table(records)
+    assert "minillama:attention=math: 1 CUDA graph(s) skipped" in table and "minillama: 0" not in table
+
+
+def test_bench_runs_a_variant(capsys):
+    assert main(["bench", "--tiny", "--prompt-len", "4", "-n", "3", "--json",
+                 "--sides", "minillama,minillama:attention=math/compile=off"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    decode = {r["side"]: r["value"] for r in records if r["figure"] == "decode_tok_s"}
+    assert set(decode) == {"minillama", "minillama:attention=math/compile=off"}
+    assert main(["bench", "--tiny", "--sides", "minillama,minillama"]) == 2
+    assert "named twice" in capsys.readouterr().err
 
 
 def test_config_without_a_model_is_an_error():

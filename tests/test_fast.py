@@ -109,6 +109,25 @@ def test_static_step_logits_equal_forward(tiny_llama32):
     assert int(fast.pos) == 10
 
 
+def test_math_attention_equals_sdpa(tiny_llama32):
+    """attention="math" (matmuls and an fp32 softmax) is the same step as SDPA: logits and greedy tokens."""
+    model = load_model(tiny_llama32, device="cpu")
+    ids = prompt_ids(10)[None]
+    logits = {}
+    for attention in ("sdpa", "math"):
+        fast = FastDecoder(model, max_seq_len=32, compile=False, attention=attention)
+        assert fast.attention == attention
+        with torch.inference_mode():
+            fast.prefill(ids[:, :-1])
+            fast.token.copy_(ids[:, -1:])
+            logits[attention] = fast._decode_logits()
+    torch.testing.assert_close(logits["math"], logits["sdpa"], rtol=1e-5, atol=1e-5)
+    fast = FastDecoder(model, max_seq_len=64, compile=False, attention="math")
+    assert list(fast.generate(prompt_ids(), N_TOKENS)) == reference_tokens(model, prompt_ids())
+    with pytest.raises(MinillamaError, match="'sdpa' or 'math'"):
+        FastDecoder(model, max_seq_len=32, attention="flash")
+
+
 def test_continue_a_conversation_from_the_cache(tiny_llama32):
     model = load_model(tiny_llama32, device="cpu")
     first, second = prompt_ids(6, seed=3), prompt_ids(5, seed=4)
@@ -132,25 +151,29 @@ def test_too_long_prompt_is_a_clear_error(tiny_llama32):
         list(fast.generate(torch.tensor([], dtype=torch.long), 4))
 
 
-def test_compiled_step_gives_the_same_tokens(tiny_llama32):
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_compiled_step_gives_the_same_tokens(tiny_llama32, attention):
     """torch.compile on CPU (Inductor's C++ backend): the graph replays the same greedy tokens."""
     pytest.importorskip("torch._inductor")
     model = load_model(tiny_llama32, device="cpu")
     prompt = prompt_ids()
     expected = reference_tokens(model, prompt)
-    fast = FastDecoder(model, max_seq_len=64, compile=True)
+    fast = FastDecoder(model, max_seq_len=64, compile=True, attention=attention)
     assert list(fast.generate(prompt, N_TOKENS)) == expected
     assert list(fast.generate(prompt_ids(9, seed=5), 20)) == reference_tokens(model, prompt_ids(9, seed=5), 20)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_step_matches_regular_path(tiny_llama32):
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_cuda_graph_step_matches_regular_path(tiny_llama32, attention):
     """On a GPU: compiled with CUDA graphs and read `lag` tokens behind, the tokens are the regular path's."""
     model = load_model(tiny_llama32, device="cuda", dtype="float32")
     prompt = prompt_ids()
-    fast = FastDecoder(model, max_seq_len=64)
+    fast = FastDecoder(model, max_seq_len=64, attention=attention)
     assert fast.compiled and fast.lag > 0
+    fast.warmup()
+    assert fast.cudagraph_skips == 0  # both steps were captured as CUDA graphs
     assert list(fast.generate(prompt, N_TOKENS)) == reference_tokens(model, prompt)
     settings = {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95}
     expected = reference_tokens(model, prompt, generator=torch.Generator("cuda").manual_seed(7), **settings)

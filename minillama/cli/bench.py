@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (random ids; default 512)")
     p.add_argument("--new-tokens", "-n", type=int, default=256, help="tokens to decode (default 256)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per side; the median is reported (default 1)")
-    p.add_argument("--sides", help="comma-separated: minillama, transformers, transformers-static "
+    p.add_argument("--sides", help="comma-separated: minillama, transformers, transformers-static, and variants "
+                                   "of the fast path such as minillama:attention=math/tuning=off "
                                    "(default: minillama,transformers; on CUDA also transformers-static)")
     p.add_argument("--no-fast", action="store_true", help="time minillama's regular generate() instead of the "
                                                           "fast decode path")
@@ -33,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt and random weights")
     p.add_argument("--offline", action="store_true", help="use only files already downloaded")
     p.add_argument("--json", action="store_true", help="one JSON object per line, one line per figure")
+    p.add_argument("--json-file", metavar="FILE", help="also write the JSON lines to FILE (the table still prints)")
     p.set_defaults(func=run)
 
 
@@ -68,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
                         sides=args.sides.split(",") if args.sides else None, fast=not args.no_fast,
                         compile={"auto": None, "on": True, "off": False}[args.compile], seed=args.seed,
                         progress=progress)
+    if args.json_file:
+        try:
+            with open(args.json_file, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(record) + "\n" for record in records)
+        except OSError as e:
+            print(f"minillama bench: cannot write {args.json_file} ({e}); the figures follow", file=sys.stderr)
+            args.json = True
     if args.json:
         for record in records:
             print(json.dumps(record), flush=True)
