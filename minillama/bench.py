@@ -309,8 +309,11 @@ def run_worker(spec: dict[str, Any], timeout: float | None = None) -> dict[str, 
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[1])  # so the child imports this same minillama
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "minillama.bench", "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "minillama.bench", "--worker", json.dumps(spec)],
+                              capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise MinillamaError(f"the {spec['side']} side did not finish within {timeout:g} s (--side-timeout)") from None
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
@@ -330,10 +333,11 @@ def default_sides(device: torch.device) -> list[str]:
 def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None, device: str | None = None,
               dtype: str | None = None, prompt_len: int = 512, new_tokens: int = 256, repeats: int = 1,
               sides: list[str] | None = None, fast: bool = True, compile: bool | None = None, seed: int = 0,
-              progress=None) -> list[dict[str, Any]]:
+              side_timeout: float | None = None, progress=None) -> list[dict[str, Any]]:
     """Benchmark every side; returns one record per figure ({"figure", "side", "value", "unit", ...}).
 
     model:  a checkpoint directory, or None with `config` (a config.json dict) to benchmark random weights.
+    A side that fails (or runs past side_timeout seconds) gets an "error" record and the others still run.
     """
     from minillama.checkpoint import resolve_device, resolve_dtype
     from minillama.config import LlamaConfig
@@ -371,7 +375,12 @@ def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None,
         results = {}
         for side in sides:
             progress(f"running {side}")
-            results[side] = run_worker({**base, "side": side, "fast_options": variants[side]})
+            try:
+                results[side] = run_worker({**base, "side": side, "fast_options": variants[side]}, side_timeout)
+            except MinillamaError as e:  # one side's failure must not lose the others' figures
+                results[side] = {"error": str(e)}
+                progress(f"{side}: FAILED: {e}")
+                continue
             progress(f"{side}: " + summary(results[side]))
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     context = {"device": device_name,
@@ -399,6 +408,10 @@ def figures(results: dict[str, dict[str, Any]], copy_gb_s: float, context: dict[
     """Flatten per-side results into figure records, add ratios (minillama / each reference) and bandwidth use."""
     records: list[dict[str, Any]] = [{"figure": "copy_gb_s", "side": "device", "value": copy_gb_s, "unit": "GB/s",
                                       **context}]
+    for side, r in results.items():
+        if "error" in r:
+            records.append({"figure": "error", "side": side, "value": r["error"], "unit": "", **context})
+    results = {side: r for side, r in results.items() if "error" not in r}
     ours = [side for side in results if parse_side(side)[0] == "minillama"]  # minillama and its variants
     weight_bytes = next((results[side]["weight_bytes"] for side in ours), None)
     for side, r in results.items():
@@ -462,6 +475,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
             lines.append(f"{r['side']:<{width}} {r['figure']:<17} {r['value']:.2f}x ({r['better']} is better)")
         elif r["figure"] == "tokens_agree":
             lines.append(f"{r['side']:<{width}} greedy tokens agree for the first {r['value']}")
+        elif r["figure"] == "error":
+            lines.append(f"{r['side']}: FAILED: " + r["value"].splitlines()[0])
         elif r["figure"] == "cudagraph_skips" and r["value"]:
             lines.append(f"{r['side']}: {r['value']} CUDA graph(s) skipped by torch.compile (slow decode; "
                          "TORCH_LOGS=cudagraphs says why)")

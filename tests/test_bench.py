@@ -120,6 +120,35 @@ def test_bench_runs_a_variant(capsys):
     assert "named twice" in capsys.readouterr().err
 
 
+def test_a_failing_side_keeps_the_others(monkeypatch, capsys):
+    """One side crashing (or timing out) is reported; the other sides' figures still come out, exit code 1."""
+    import minillama.bench as bench
+
+    real = bench.run_worker
+
+    def run_worker(spec, timeout=None):
+        if spec["side"] == "transformers":
+            raise MinillamaError("the transformers side failed (exit code 1):\nRuntimeError: boom")
+        return real(spec, timeout)
+
+    monkeypatch.setattr(bench, "run_worker", run_worker)
+    assert main(["bench", "--tiny", "--prompt-len", "4", "-n", "3"]) == 1
+    captured = capsys.readouterr()
+    assert "transformers: FAILED: the transformers side failed" in captured.out
+    assert "decode tok/s" in captured.out and "minillama " in captured.out  # minillama's row is there
+    assert "transformers failed" in captured.err
+
+
+def test_side_timeout_is_reported(tmp_path):
+    from minillama.bench import TINY_CONFIG, run_worker
+
+    path = write_random_checkpoint(TINY_CONFIG, tmp_path / "m", torch.float32)
+    spec = {"side": "transformers", "device": "cpu", "dtype": "float32", "model": str(path), "prompt_len": 4,
+            "new_tokens": 3, "repeats": 1, "seed": 0, "fast": True, "compile": None}
+    with pytest.raises(MinillamaError, match="did not finish within 0.01 s"):
+        run_worker(spec, timeout=0.01)
+
+
 def test_config_without_a_model_is_an_error():
     from minillama.bench import run_bench
 

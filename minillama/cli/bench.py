@@ -31,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                           "fast decode path")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile minillama's decode step (auto: on CUDA only, or MINILLAMA_COMPILE)")
+    p.add_argument("--side-timeout", type=float, metavar="SECONDS",
+                   help="give up on a side after this long (it is reported as failed; the others still run)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt and random weights")
     p.add_argument("--offline", action="store_true", help="use only files already downloaded")
     p.add_argument("--json", action="store_true", help="one JSON object per line, one line per figure")
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                         new_tokens=args.new_tokens, repeats=args.repeats,
                         sides=args.sides.split(",") if args.sides else None, fast=not args.no_fast,
                         compile={"auto": None, "on": True, "off": False}[args.compile], seed=args.seed,
-                        progress=progress)
+                        side_timeout=args.side_timeout, progress=progress)
     if args.json_file:
         try:
             with open(args.json_file, "w", encoding="utf-8") as f:
@@ -84,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
         from minillama.bench import format_table
 
         print(format_table(records))
+    failed = [r["side"] for r in records if r["figure"] == "error"]
+    if failed:
+        print(f"minillama bench: {', '.join(failed)} failed (see above); the other figures stand", file=sys.stderr)
+        return 1
     return 0
 
 
