@@ -11,6 +11,9 @@ peak memory and compiled code never touch the other's figures. Per side:
     decode_tok_s   (new tokens - 1) / time from the first token to the last, bs=1, greedy, eos disabled
     peak_mem_mb    CUDA max allocated, or the process's peak RSS on CPU (imports included)
     bandwidth_fraction  decode_tok_s * weight bytes / the measured device copy bandwidth
+    tokens_checked (minillama) the fraction of its first 32 timed tokens that one plain model.forward also
+                   ranks first (within rounding): the timed path computes the right thing
+    cudagraph_skips (minillama, compiled on CUDA) graphs torch.compile could not capture; should be 0
 
 `minillama bench --config scripts/configs/llama-3.2-1b.json` needs no download: it writes a randomly
 initialised checkpoint of that shape to a temporary directory and loads both sides from it.
@@ -156,8 +159,29 @@ def run_minillama(spec: dict[str, Any]) -> dict[str, Any]:
     _sync(device)
     warmup_s = time.perf_counter() - start
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
-    return {"load_s": load_s, "warmup_s": warmup_s, "weight_bytes": weight_bytes, **extra,
-            **_measure(spec, device, prefill, run_generate)}
+    measured = _measure(spec, device, prefill, run_generate)
+    return {"load_s": load_s, "warmup_s": warmup_s, "weight_bytes": weight_bytes, **extra, **measured,
+            "tokens_checked": tokens_checked(model, prompt, measured["tokens"][:CHECKED_TOKENS])}
+
+
+CHECKED_TOKENS = 32
+
+
+@torch.inference_mode()
+def tokens_checked(model, prompt: torch.Tensor, tokens: list[int]) -> float:
+    """A correctness check of what was timed: the fraction of the generated tokens that one plain forward
+    over prompt + tokens (model.py's SDPA path, no cache tricks, no compile) also ranks first.
+
+    Low precision can reorder near-ties, so a token passes when its logit is within rounding of the best
+    (float32: 1e-3; bf16/fp16: 0.1 + 2% of the best logit). A broken fast path picks tokens that are
+    nowhere near the best, and scores far below 1.0.
+    """
+    ids = torch.cat([prompt, prompt.new_tensor([tokens[:-1]])], dim=1)  # the step inputs: prompt, then each token
+    logits = model(ids, logits_to_keep=len(tokens))[0].float()  # (K, V): position i predicts tokens[i]
+    chosen = logits.gather(-1, prompt.new_tensor(tokens)[:, None])[:, 0]  # (K,)
+    best = logits.amax(dim=-1)  # (K,)
+    tolerance = 1e-3 if model.dtype == torch.float32 else 0.1 + 0.02 * best.abs()
+    return float(((best - chosen) <= tolerance).float().mean())
 
 
 def _measure(spec: dict[str, Any], device: torch.device, prefill, run_generate) -> dict[str, Any]:
@@ -397,11 +421,13 @@ def summary(result: dict[str, Any]) -> str:
         parts.append(f"decode {result['decode_tok_s']:,.1f} tok/s")
     if "cudagraph_skips" in result:
         parts.append(f"cudagraph skips {result['cudagraph_skips']}")
+    if "tokens_checked" in result:
+        parts.append(f"tokens checked against model.forward {result['tokens_checked']:.0%}")
     return ", ".join(parts)
 
 
 UNITS = {"load_s": "s", "warmup_s": "s", "prompt_tok_s": "tok/s", "ttft_s": "s", "decode_tok_s": "tok/s",
-         "peak_mem_mb": "MB", "bandwidth_fraction": ""}
+         "peak_mem_mb": "MB", "bandwidth_fraction": "", "tokens_checked": ""}
 
 
 def figures(results: dict[str, dict[str, Any]], copy_gb_s: float, context: dict[str, Any]) -> list[dict[str, Any]]:
@@ -477,6 +503,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
             lines.append(f"{r['side']:<{width}} greedy tokens agree for the first {r['value']}")
         elif r["figure"] == "error":
             lines.append(f"{r['side']}: FAILED: " + r["value"].splitlines()[0])
+        elif r["figure"] == "tokens_checked":
+            lines.append(f"{r['side']}: {r['value']:.0%} of its first {min(CHECKED_TOKENS, ctx['new_tokens'])} tokens are model.forward's "
+                         "own first choice (within rounding)" + ("" if r["value"] == 1 else "  <-- CHECK THIS"))
         elif r["figure"] == "cudagraph_skips" and r["value"]:
             lines.append(f"{r['side']}: {r['value']} CUDA graph(s) skipped by torch.compile (slow decode; "
                          "TORCH_LOGS=cudagraphs says why)")

@@ -31,6 +31,7 @@ def test_bench_json_tiny(capsys):
     assert by[("peak_mem_mb", "minillama")]["mem_kind"] in ("peak_rss", "rss")
     # fp32, same random weights, greedy: both sides pick the same 6 tokens.
     assert by[("tokens_agree", "minillama/transformers")]["value"] == 6
+    assert by[("tokens_checked", "minillama")]["value"] == 1.0  # the timed tokens are model.forward's argmax
     assert all(r["device"].startswith("cpu") and r["dtype"] == "float32" for r in records)
 
 
@@ -147,6 +148,20 @@ def test_side_timeout_is_reported(tmp_path):
             "new_tokens": 3, "repeats": 1, "seed": 0, "fast": True, "compile": None}
     with pytest.raises(MinillamaError, match="did not finish within 0.01 s"):
         run_worker(spec, timeout=0.01)
+
+
+def test_tokens_checked_catches_wrong_tokens(tiny_llama32):
+    """The bench's correctness figure: 1.0 for the real greedy tokens, far below for a broken decoder's."""
+    from minillama.bench import tokens_checked
+    from minillama.generation import generate
+
+    model = load_model(tiny_llama32, device="cpu")
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    tokens = list(generate(model, prompt, max_new_tokens=20, eos_token_id=[], fast=False))
+    assert tokens_checked(model, prompt, tokens) == 1.0
+    noise = torch.randint(0, model.config.vocab_size, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert tokens_checked(model, prompt, noise) < 0.2  # what a decoder reading the wrong cache slots would give
+    assert tokens_checked(model, prompt, tokens[:10] + noise[:1]) == pytest.approx(10 / 11)
 
 
 def test_config_without_a_model_is_an_error():
