@@ -294,7 +294,8 @@ WORKERS = {"minillama": run_minillama, "transformers": run_transformers, "transf
 # Variants of the minillama side, named "minillama:attention=math/tuning=off": FastDecoder options to compare
 # in one run (each variant is its own side, in its own process).
 VARIANT_OPTIONS = {"attention": {"sdpa": "sdpa", "math": "math"}, "tuning": {"on": True, "off": False},
-                   "compile": {"on": True, "off": False}, "lag": {str(n): n for n in range(9)}}
+                   "pdl": {"on": True, "off": False}, "compile": {"on": True, "off": False},
+                   "lag": {str(n): n for n in range(9)}}
 
 
 def parse_side(side: str) -> tuple[str, dict[str, Any]]:
@@ -337,7 +338,7 @@ def run_worker(spec: dict[str, Any], timeout: float | None = None) -> dict[str, 
         proc = subprocess.run([sys.executable, "-m", "minillama.bench", "--worker", json.dumps(spec)],
                               capture_output=True, text=True, env=env, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        raise MinillamaError(f"the {spec['side']} side did not finish within {timeout:g} s (--side-timeout)") from None
+        raise MinillamaError(f"the {spec['side']} side did not finish within {timeout:g} s (--side-timeout / --time-budget)") from None
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
@@ -357,11 +358,14 @@ def default_sides(device: torch.device) -> list[str]:
 def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None, device: str | None = None,
               dtype: str | None = None, prompt_len: int = 512, new_tokens: int = 256, repeats: int = 1,
               sides: list[str] | None = None, fast: bool = True, compile: bool | None = None, seed: int = 0,
-              side_timeout: float | None = None, progress=None) -> list[dict[str, Any]]:
+              side_timeout: float | None = None, time_budget: float | None = None,
+              progress=None) -> list[dict[str, Any]]:
     """Benchmark every side; returns one record per figure ({"figure", "side", "value", "unit", ...}).
 
     model:  a checkpoint directory, or None with `config` (a config.json dict) to benchmark random weights.
     A side that fails (or runs past side_timeout seconds) gets an "error" record and the others still run.
+    time_budget: seconds for the whole run; a side is cut off when it runs out and later sides are skipped
+    (so list the sides in order of importance).
     """
     from minillama.checkpoint import resolve_device, resolve_dtype
     from minillama.config import LlamaConfig
@@ -397,10 +401,19 @@ def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None,
         progress("measuring the copy bandwidth")
         copy = run_worker({**base, "side": "copy"})
         results = {}
+        started = time.perf_counter()
         for side in sides:
+            timeout = side_timeout
+            if time_budget is not None:
+                left = time_budget - (time.perf_counter() - started)
+                if left < 20:
+                    results[side] = {"error": f"skipped: the --time-budget of {time_budget:g} s ran out"}
+                    progress(f"{side}: skipped (time budget)")
+                    continue
+                timeout = left if timeout is None else min(timeout, left)
             progress(f"running {side}")
             try:
-                results[side] = run_worker({**base, "side": side, "fast_options": variants[side]}, side_timeout)
+                results[side] = run_worker({**base, "side": side, "fast_options": variants[side]}, timeout)
             except MinillamaError as e:  # one side's failure must not lose the others' figures
                 results[side] = {"error": str(e)}
                 progress(f"{side}: FAILED: {e}")
@@ -494,18 +507,25 @@ def format_table(records: list[dict[str, Any]]) -> str:
                 value *= 1000
             row += f"{'-' if value is None else fmt.format(value):>14}"
         lines.append(row)
+    # Ratios, one line per pair (higher is better for the tok/s ratios, lower for the others).
     pairs = [r["side"] for r in records if r["figure"] == "tokens_agree"]
     width = max([36] + [len(pair) + 1 for pair in pairs])
+    names = {"decode_ratio": "decode", "prompt_ratio": "prompt", "ttft_ratio": "TTFT", "load_ratio": "load",
+             "peak_mem_mb_ratio": "peak mem"}
+    if pairs:
+        lines.append("ratios minillama / reference (tok/s: higher is better; TTFT, load, memory: lower is better)")
+    for pair in pairs:
+        ratios = [f"{names[r['figure']]} {r['value']:.2f}x" for r in records
+                  if r["side"] == pair and r["figure"] in names]
+        agree = next(r["value"] for r in records if r["side"] == pair and r["figure"] == "tokens_agree")
+        lines.append(f"{pair:<{width}} " + ", ".join(ratios) + f"; greedy tokens agree for the first {agree}")
+    checked = min(CHECKED_TOKENS, ctx["new_tokens"])
     for r in records:
-        if r["figure"].endswith("_ratio"):
-            lines.append(f"{r['side']:<{width}} {r['figure']:<17} {r['value']:.2f}x ({r['better']} is better)")
-        elif r["figure"] == "tokens_agree":
-            lines.append(f"{r['side']:<{width}} greedy tokens agree for the first {r['value']}")
-        elif r["figure"] == "error":
+        if r["figure"] == "error":
             lines.append(f"{r['side']}: FAILED: " + r["value"].splitlines()[0])
         elif r["figure"] == "tokens_checked":
-            lines.append(f"{r['side']}: {r['value']:.0%} of its first {min(CHECKED_TOKENS, ctx['new_tokens'])} tokens are model.forward's "
-                         "own first choice (within rounding)" + ("" if r["value"] == 1 else "  <-- CHECK THIS"))
+            lines.append(f"{r['side']}: {r['value']:.0%} of its first {checked} tokens are model.forward's own "
+                         "first choice (within rounding)" + ("" if r["value"] == 1 else "  <-- CHECK THIS"))
         elif r["figure"] == "cudagraph_skips" and r["value"]:
             lines.append(f"{r['side']}: {r['value']} CUDA graph(s) skipped by torch.compile (slow decode; "
                          "TORCH_LOGS=cudagraphs says why)")

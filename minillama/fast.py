@@ -167,12 +167,19 @@ def _cudagraph_skips() -> int:
     return counters["inductor"]["cudagraph_skips"]
 
 
-def compile_options(device: torch.device, tuning: bool | None = None) -> dict[str, bool] | None:
+def compile_options(device: torch.device, tuning: bool | None = None, pdl: bool = False) -> dict[str, bool] | None:
     """Inductor options for the step: on CUDA, CUDA graphs (mode="reduce-overhead") plus coordinate-descent
-    tuning unless tuning=False; elsewhere the defaults."""
+    tuning unless tuning=False, and programmatic dependent launch if pdl; elsewhere the defaults."""
     if device.type != "cuda":
         return None
-    return {"triton.cudagraphs": True, "coordinate_descent_tuning": tuning is not False}
+    options = {"triton.cudagraphs": True, "coordinate_descent_tuning": tuning is not False}
+    if pdl:
+        import torch._inductor.config as inductor_config
+
+        if not hasattr(inductor_config.triton, "enable_pdl"):
+            raise MinillamaError(f"pdl=True needs torch >= 2.10 (this is {torch.__version__}); leave it off")
+        options["triton.enable_pdl"] = True
+    return options
 
 
 def default_compile(device: torch.device) -> bool:
@@ -205,11 +212,13 @@ class FastDecoder(nn.Module):
                  schedules its own way). The same numbers up to rounding; which is faster is a benchmark's call.
     tuning:      when compiling on CUDA, Inductor's coordinate-descent tuning (it also turns each 1-row matmul
                  into a reduction kernel that fuses with its neighbours); None: on. Costs compile time.
+    pdl:         when compiling on CUDA, Inductor's programmatic dependent launch (torch >= 2.10, Hopper or
+                 newer): each generated kernel may start while the one before it drains. Off by default.
     """
 
     def __init__(self, model: LlamaForCausalLM, max_seq_len: int | None = None, compile: bool | None = None,
                  fuse: bool = True, lag: int | None = None, pack: bool | None = None, attention: str = "sdpa",
-                 tuning: bool | None = None):
+                 tuning: bool | None = None, pdl: bool = False):
         super().__init__()
         if attention not in ("sdpa", "math"):
             raise MinillamaError(f"attention={attention!r}: choose 'sdpa' or 'math'")
@@ -261,8 +270,10 @@ class FastDecoder(nn.Module):
         self._step_greedy = self._decode_greedy
         self._step_logits = self._decode_logits
         self.cudagraph_skips = 0  # after warmup(): how many graphs Inductor could not capture (0 is right)
+        if pdl and not (self.compiled and device.type == "cuda"):
+            raise MinillamaError("pdl=True needs the compiled step on a CUDA device (programmatic dependent launch)")
         if self.compiled:
-            options = compile_options(device, tuning)
+            options = compile_options(device, tuning, pdl)
             self._step_greedy = torch.compile(self._decode_greedy, fullgraph=True, options=options)
             self._step_logits = torch.compile(self._decode_logits, fullgraph=True, options=options)
 

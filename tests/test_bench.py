@@ -81,7 +81,7 @@ def test_ratios_and_bandwidth_fraction():
     assert by[("load_ratio", "minillama/transformers")] == 0.5
     assert by[("bandwidth_fraction", "minillama")] == pytest.approx(50 * 2e8 / 20e9)
     assert by[("tokens_agree", "minillama/transformers")] == 2
-    assert "decode_ratio" in format_table(records)
+    assert "decode 2.00x" in format_table(records)
 
 
 def test_variant_sides_parse_and_get_their_own_ratios():
@@ -138,6 +138,33 @@ def test_a_failing_side_keeps_the_others(monkeypatch, capsys):
     assert "transformers: FAILED: the transformers side failed" in captured.out
     assert "decode tok/s" in captured.out and "minillama " in captured.out  # minillama's row is there
     assert "transformers failed" in captured.err
+
+
+def test_time_budget_skips_the_last_sides(monkeypatch, capsys):
+    """Sides run in the order given; each gets what is left of the budget, and once it is gone the rest are
+    reported as skipped (a fake clock: every side takes 25 s)."""
+    import minillama.bench as bench
+
+    now = [0.0]
+    timeouts = {}
+    canned = {"load_s": 1.0, "warmup_s": 1.0, "decode_tok_s": 50.0, "prompt_tok_s": 100.0, "ttft_s": 0.5,
+              "peak_mem_mb": 500.0, "mem_kind": "peak_rss", "weight_bytes": 2e8, "tokens": [1, 2, 3]}
+
+    def run_worker(spec, timeout=None):
+        if spec["side"] == "copy":
+            return {"copy_gb_s": 10.0}
+        timeouts[spec["side"]] = timeout
+        now[0] += 25.0
+        return dict(canned)
+
+    monkeypatch.setattr(bench, "run_worker", run_worker)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    assert main(["bench", "--tiny", "--time-budget", "60", "--side-timeout", "50",
+                 "--sides", "minillama,transformers,minillama:attention=math"]) == 1
+    assert timeouts == {"minillama": 50, "transformers": 35}
+    out = capsys.readouterr().out
+    assert "minillama:attention=math: FAILED: skipped: the --time-budget of 60 s ran out" in out
+    assert "minillama/transformers" in out  # the sides that ran are still compared
 
 
 def test_side_timeout_is_reported(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from conftest import make_hf_checkpoint
@@ -126,6 +128,25 @@ def test_math_attention_equals_sdpa(tiny_llama32):
     assert list(fast.generate(prompt_ids(), N_TOKENS)) == reference_tokens(model, prompt_ids())
     with pytest.raises(MinillamaError, match="'sdpa' or 'math'"):
         FastDecoder(model, max_seq_len=32, attention="flash")
+    with pytest.raises(MinillamaError, match="pdl=True needs the compiled step on a CUDA device"):
+        FastDecoder(model, max_seq_len=32, pdl=True)
+
+
+def test_compile_options_per_device():
+    from minillama.fast import compile_options
+
+    assert compile_options(torch.device("cpu")) is None  # Inductor's defaults (C++ kernels, no graphs)
+    cuda = torch.device("cuda")
+    assert compile_options(cuda) == {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+    assert compile_options(cuda, tuning=False)["coordinate_descent_tuning"] is False
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config.triton, "enable_pdl"):
+        assert compile_options(cuda, pdl=True)["triton.enable_pdl"] is True
+        # Every key is one torch.compile accepts (it rejects unknown options).
+        for key in compile_options(cuda, pdl=True):
+            section, _, name = key.rpartition(".")
+            assert hasattr(getattr(inductor_config, section) if section else inductor_config, name), key
 
 
 def test_continue_a_conversation_from_the_cache(tiny_llama32):
@@ -165,12 +186,16 @@ def test_compiled_step_gives_the_same_tokens(tiny_llama32, attention):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("attention", ["sdpa", "math"])
-def test_cuda_graph_step_matches_regular_path(tiny_llama32, attention):
+@pytest.mark.parametrize("attention, pdl", [("sdpa", False), ("math", False), ("math", True)])
+def test_cuda_graph_step_matches_regular_path(tiny_llama32, attention, pdl):
     """On a GPU: compiled with CUDA graphs and read `lag` tokens behind, the tokens are the regular path's."""
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs a Hopper GPU or newer")
+    if pdl and not hasattr(importlib.import_module("torch._inductor.config").triton, "enable_pdl"):
+        pytest.skip("Inductor's programmatic dependent launch needs torch >= 2.10")
     model = load_model(tiny_llama32, device="cuda", dtype="float32")
     prompt = prompt_ids()
-    fast = FastDecoder(model, max_seq_len=64, attention=attention)
+    fast = FastDecoder(model, max_seq_len=64, attention=attention, pdl=pdl)
     assert fast.compiled and fast.lag > 0
     fast.warmup()
     assert fast.cudagraph_skips == 0  # both steps were captured as CUDA graphs

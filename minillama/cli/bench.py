@@ -33,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile minillama's decode step (auto: on CUDA only, or MINILLAMA_COMPILE)")
     p.add_argument("--side-timeout", type=float, metavar="SECONDS",
                    help="give up on a side after this long (it is reported as failed; the others still run)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="seconds for all sides together: a side is cut off when they run out and later sides are "
+                        "skipped (list the sides in order of importance)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt and random weights")
     p.add_argument("--offline", action="store_true", help="use only files already downloaded")
     p.add_argument("--json", action="store_true", help="one JSON object per line, one line per figure")
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
                         new_tokens=args.new_tokens, repeats=args.repeats,
                         sides=args.sides.split(",") if args.sides else None, fast=not args.no_fast,
                         compile={"auto": None, "on": True, "off": False}[args.compile], seed=args.seed,
-                        side_timeout=args.side_timeout, progress=progress)
+                        side_timeout=args.side_timeout, time_budget=args.time_budget, progress=progress)
     if args.json_file:
         try:
             with open(args.json_file, "w", encoding="utf-8") as f:
