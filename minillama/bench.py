@@ -160,6 +160,7 @@ def run_minillama(spec: dict[str, Any]) -> dict[str, Any]:
     warmup_s = time.perf_counter() - start
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
     measured = _measure(spec, device, prefill, run_generate)
+    extra["peak_mem_mb"], extra["mem_kind"] = _peak_memory_mb(device)  # before the check's own forward
     return {"load_s": load_s, "warmup_s": warmup_s, "weight_bytes": weight_bytes, **extra, **measured,
             "tokens_checked": tokens_checked(model, prompt, measured["tokens"][:CHECKED_TOKENS])}
 
@@ -324,7 +325,7 @@ def worker_main(spec_json: str) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     result = WORKERS[spec["side"].partition(":")[0]](spec)
-    if spec["side"] != "copy":
+    if spec["side"] != "copy" and "peak_mem_mb" not in result:
         result["peak_mem_mb"], result["mem_kind"] = _peak_memory_mb(device)
     print(RESULT_MARK + json.dumps(result), flush=True)
 
