@@ -197,8 +197,13 @@ def test_cuda_graph_step_matches_regular_path(tiny_llama32, attention, pdl):
     prompt = prompt_ids()
     fast = FastDecoder(model, max_seq_len=64, attention=attention, pdl=pdl)
     assert fast.compiled and fast.lag > 0
+    from torch._dynamo.utils import counters
+
+    fused_before = counters["inductor"]["fuse_attention"]
     fast.warmup()
     assert fast.cudagraph_skips == 0  # both steps were captured as CUDA graphs
+    # "math" stays math: Inductor's pattern matcher did not turn it back into an SDPA call.
+    assert counters["inductor"]["fuse_attention"] == fused_before
     assert list(fast.generate(prompt, N_TOKENS)) == reference_tokens(model, prompt)
     settings = {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95}
     expected = reference_tokens(model, prompt, generator=torch.Generator("cuda").manual_seed(7), **settings)
