@@ -95,13 +95,25 @@ def test_pickled_weights_are_refused_without_loading(tiny_llama32, tmp_path):
         minillama.load_model(bad, device="cpu")
 
 
-def test_nan_weights_are_refused(tiny_llama32, tmp_path):
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_weights_are_refused(tiny_llama32, tmp_path, value, dtype):
     bad = copy_dir(tiny_llama32, tmp_path / "m")
-    state = load_file(bad / "model.safetensors")
-    state["model.norm.weight"][3] = float("nan")
+    state = {k: v.to(dtype) for k, v in load_file(bad / "model.safetensors").items()}
+    state["model.layers.1.mlp.down_proj.weight"][5, 7] = value
     save_file(state, bad / "model.safetensors")
-    with pytest.raises(MinillamaError, match="model.norm.weight holds NaN"):
-        minillama.load_model(bad, device="cpu")
+    with pytest.raises(MinillamaError, match="model.layers.1.mlp.down_proj.weight holds NaN or inf"):
+        minillama.load_model(bad, device="cpu", dtype=dtype)
+
+
+def test_huge_finite_weights_load(tiny_llama32, tmp_path):
+    """Values near the dtype's limit are finite: they load (a float32 sum of them would overflow)."""
+    path = copy_dir(tiny_llama32, tmp_path / "m")
+    state = load_file(path / "model.safetensors")
+    state["model.layers.0.mlp.up_proj.weight"].fill_(3e38)
+    save_file(state, path / "model.safetensors")
+    model = minillama.load_model(path, device="cpu")
+    assert float(model.model.layers[0].mlp.up_proj.weight.detach().max()) == pytest.approx(3e38)
 
 
 def test_cuda_request_without_cuda(tiny_llama32):
