@@ -141,6 +141,19 @@ def test_generate_prints_only_the_completion(chat_model):
                                     skip_special_tokens=True) + "\n"
 
 
+def test_compile_notice_and_no_compile(chat_model):
+    """When the fast path will compile (CUDA, or MINILLAMA_COMPILE=1 as here on CPU) the user is told before
+    the wait; --no-compile skips compiling, and the completion is the same either way."""
+    args = ("generate", str(chat_model), "--prompt", "Name a color", "--greedy", "-n", "6")
+    compiled = run_cli(*args, env={"MINILLAMA_COMPILE": "1"})
+    assert compiled.returncode == 0, compiled.stderr
+    assert "compiling the decode step" in compiled.stderr and "--no-compile skips it" in compiled.stderr
+    eager = run_cli(*args, "--no-compile", env={"MINILLAMA_COMPILE": "1"})
+    assert eager.returncode == 0, eager.stderr
+    assert "compiling" not in eager.stderr
+    assert eager.stdout == compiled.stdout
+
+
 def test_empty_prompt_and_missing_model_exit_2(tmp_path):
     r = run_cli("generate", str(tmp_path / "nowhere"), "--prompt", "   ")
     assert r.returncode == 2 and "prompt is empty" in r.stderr

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if args.load:
         session.load_transcript(read_transcript(args.load))
     if getattr(session.cache, "compiled", False):  # CUDA graphs: compile now, not in the middle of a reply
-        eprint("minillama: compiling the decode step for this GPU (once per session; it can take a minute)...")
+        eprint("minillama: compiling the decode step for this GPU (once per session; it can take a minute; "
+               "--no-compile skips it)...")
         session.cache.warmup(session.config)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
     g.add_argument("--no-fast", action="store_true",
                    help="decode with the plain model.forward loop instead of the fast path (same tokens)")
+    g.add_argument("--no-compile", action="store_true",
+                   help="on a GPU, run the fast path without torch.compile and CUDA graphs: no compile wait at "
+                        "the start, slower decoding (the same as MINILLAMA_COMPILE=0)")
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:
@@ -107,6 +111,8 @@ def load_all(args: argparse.Namespace) -> Loaded:
     from minillama.tokenizer import load_tokenizer
 
     device = resolve_device(args.device)
+    if getattr(args, "no_compile", False):
+        os.environ["MINILLAMA_COMPILE"] = "0"  # read by minillama.fast.default_compile, for this process
     path = resolve_model_arg(args)
     generation_config = GenerationConfig.from_model_dir(path).updated(**sampling_overrides(args))
     tokenizer = load_tokenizer(path)

@@ -42,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
                    [{"role": "user", "content": prompt}]
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     config = loaded.generation_config
+    from minillama.fast import default_compile, fast_path_applies
+
+    if not args.no_fast and fast_path_applies(loaded.model) and default_compile(loaded.model.device):
+        eprint("minillama: compiling the decode step for this GPU (it can take a minute; --no-compile skips it)...")
     generation = generate(loaded.model, ids, config, generator=make_generator(loaded.model.device, args.seed),
                           tokenizer=tok, stop_strings=args.stop, fast=False if args.no_fast else None)
     stream = tok.stream_decoder(skip_special_tokens=True)
