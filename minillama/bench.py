@@ -11,10 +11,13 @@ peak memory and compiled code never touch the other's figures. Per side:
     ttft_s         time to first token of a generate call
     decode_tok_s   (new tokens - 1) / time from the first token to the last, bs=1, greedy, eos disabled
     peak_mem_mb    CUDA max allocated, or the process's peak RSS on CPU (imports included)
-    bandwidth_fraction  decode_tok_s * weight bytes / the measured device copy bandwidth
+    bandwidth_fraction  decode_tok_s * weight bytes / the measured device copy bandwidth (bytes read + written
+                   per second; decoding only reads, which can run a little faster, so ~100% is the ceiling)
     tokens_checked (minillama) the fraction of its first 32 timed tokens that one plain model.forward also
                    ranks first (within rounding): the timed path computes the right thing
     cudagraph_skips (minillama, compiled on CUDA) graphs torch.compile could not capture; should be 0
+    cuda_graphs_recorded (the same) graphs Inductor's graph trees recorded; should be at least 1
+    MINILLAMA_BENCH_LOG=FILE appends each side's whole output to FILE (set TORCH_LOGS too for compiler logs)
 
 `minillama bench --config scripts/configs/llama-3.2-1b.json` needs no download: it writes a randomly
 initialised checkpoint of that shape to a temporary directory and loads both sides from it.
@@ -165,7 +168,10 @@ def run_minillama(spec: dict[str, Any]) -> dict[str, Any]:
         fast = FastDecoder(model, max_seq_len=P + N, **options)
         fast.warmup(SamplingSettings())  # the greedy step, which the benchmark times
         if fast.compiled and device.type == "cuda":
+            from minillama.fast import cuda_graphs_recorded
+
             extra["cudagraph_skips"] = fast.cudagraph_skips
+            extra["cuda_graphs_recorded"] = cuda_graphs_recorded(device)
     run_generate(min(N, 4))
     prefill()
     _sync(device)
@@ -350,8 +356,19 @@ def run_worker(spec: dict[str, Any], timeout: float | None = None) -> dict[str, 
     try:
         proc = subprocess.run([sys.executable, "-m", "minillama.bench", "--worker", json.dumps(spec)],
                               capture_output=True, text=True, env=env, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
+        log = os.environ.get("MINILLAMA_BENCH_LOG")
+        if log:
+            def text(out) -> str:
+                return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"===== {spec['side']} (timed out) =====\n{text(e.stdout)}{text(e.stderr)}\n")
         raise MinillamaError(f"the {spec['side']} side did not finish within {timeout:g} s (--side-timeout / --time-budget)") from None
+    log = os.environ.get("MINILLAMA_BENCH_LOG")  # keep every side's whole output (compiler logs included)
+    if log:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"===== {spec['side']} (exit code {proc.returncode}) =====\n{proc.stdout}{proc.stderr}\n")
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
@@ -447,7 +464,8 @@ def summary(result: dict[str, Any]) -> str:
     if result.get("decode_tok_s"):
         parts.append(f"decode {result['decode_tok_s']:,.1f} tok/s")
     if "cudagraph_skips" in result:
-        parts.append(f"cudagraph skips {result['cudagraph_skips']}")
+        parts.append(f"cudagraph skips {result['cudagraph_skips']}, graphs recorded "
+                     f"{result['cuda_graphs_recorded']}")
     if "tokens_checked" in result:
         parts.append(f"tokens checked against model.forward {result['tokens_checked']:.0%}")
     return ", ".join(parts)
@@ -474,9 +492,9 @@ def figures(results: dict[str, dict[str, Any]], copy_gb_s: float, context: dict[
             if r.get(key) is not None:
                 extra = {"mem_kind": r["mem_kind"]} if key == "peak_mem_mb" else {}
                 records.append({"figure": key, "side": side, "value": r[key], "unit": unit, **extra, **context})
-        if "cudagraph_skips" in r:
-            records.append({"figure": "cudagraph_skips", "side": side, "value": r["cudagraph_skips"],
-                            "unit": "graphs", **context})
+        for key in ("cudagraph_skips", "cuda_graphs_recorded"):
+            if key in r:
+                records.append({"figure": key, "side": side, "value": r[key], "unit": "graphs", **context})
     if weight_bytes:
         records.append({"figure": "weight_bytes", "side": "minillama", "value": weight_bytes, "unit": "B", **context})
     for side in ours:
@@ -543,6 +561,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
         elif r["figure"] == "cudagraph_skips" and r["value"]:
             lines.append(f"{r['side']}: {r['value']} CUDA graph(s) skipped by torch.compile (slow decode; "
                          "TORCH_LOGS=cudagraphs says why)")
+        elif r["figure"] == "cuda_graphs_recorded" and r["value"] == 0:
+            lines.append(f"{r['side']}: no CUDA graph was recorded (slow decode; TORCH_LOGS=cudagraphs says why)")
     return "\n".join(lines)
 
 

@@ -167,6 +167,21 @@ def _cudagraph_skips() -> int:
     return counters["inductor"]["cudagraph_skips"]
 
 
+def cuda_graphs_recorded(device: torch.device) -> int:
+    """How many CUDA graphs Inductor's graph trees have recorded on this device (a diagnostic: a skip is not
+    always counted, e.g. when graph partitioning finds nothing to capture). -1 when this torch cannot say."""
+    if device.type != "cuda" or "torch._inductor.cudagraph_trees" not in sys.modules:
+        return 0
+    try:
+        from torch._inductor.cudagraph_trees import get_manager
+
+        manager = get_manager(device.index if device.index is not None else torch.cuda.current_device(),
+                              create_if_none_exists=False)
+        return 0 if manager is None else sum(len(nodes) for nodes in manager.roots.values())
+    except Exception:  # an internal API: tolerate its changes
+        return -1
+
+
 def compile_options(device: torch.device, tuning: bool | None = None, pdl: bool = False) -> dict[str, bool] | None:
     """Inductor options for the step: on CUDA, CUDA graphs (mode="reduce-overhead") plus coordinate-descent
     tuning unless tuning=False, and programmatic dependent launch if pdl; elsewhere the defaults."""

@@ -111,12 +111,17 @@ def test_variant_sides_parse_and_get_their_own_ratios():
     assert "minillama:attention=math: 1 CUDA graph(s) skipped" in table and "minillama: 0" not in table
 
 
-def test_bench_runs_a_variant(capsys):
+def test_bench_runs_a_variant(capsys, tmp_path, monkeypatch):
+    log = tmp_path / "sides.log"
+    monkeypatch.setenv("MINILLAMA_BENCH_LOG", str(log))
     assert main(["bench", "--tiny", "--prompt-len", "4", "-n", "3", "--json",
                  "--sides", "minillama,minillama:attention=math/compile=off"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     decode = {r["side"]: r["value"] for r in records if r["figure"] == "decode_tok_s"}
     assert set(decode) == {"minillama", "minillama:attention=math/compile=off"}
+    text = log.read_text()  # every side's whole output, for the compiler's own logs
+    assert "===== minillama (exit code 0) =====" in text and "===== minillama:attention=math/compile=off" in text
+    assert "===== copy (exit code 0) =====" in text
     assert main(["bench", "--tiny", "--sides", "minillama,minillama"]) == 2
     assert "named twice" in capsys.readouterr().err
 

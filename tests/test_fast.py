@@ -202,6 +202,9 @@ def test_cuda_graph_step_matches_regular_path(tiny_llama32, attention, pdl):
     fused_before = counters["inductor"]["fuse_attention"]
     fast.warmup()
     assert fast.cudagraph_skips == 0  # both steps were captured as CUDA graphs
+    from minillama.fast import cuda_graphs_recorded
+
+    assert cuda_graphs_recorded(model.device) != 0  # and Inductor's graph trees hold them (-1: cannot tell)
     # "math" stays math: Inductor's pattern matcher did not turn it back into an SDPA call.
     assert counters["inductor"]["fuse_attention"] == fused_before
     assert list(fast.generate(prompt, N_TOKENS)) == reference_tokens(model, prompt)
