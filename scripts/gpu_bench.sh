@@ -44,8 +44,11 @@ PY
 # issue's targets need), then variants of the fast path, each in its own process: "math" attention (two
 # matmuls and a softmax that Inductor schedules itself instead of one SDPA kernel) and Inductor's
 # programmatic dependent launch (pdl, Hopper). The fastest correct one should become the default.
-SIDES="minillama,transformers-static,transformers,minillama:attention=math"
-[[ $CUDA == 1 ]] && SIDES="$SIDES,minillama:attention=math/pdl=on,minillama:pdl=on"
+if [[ $CUDA == 1 ]]; then
+    SIDES="minillama,transformers-static,transformers,minillama:pdl=on,minillama:attention=math,minillama:attention=math/pdl=on"
+else
+    SIDES="minillama,transformers-static,transformers,minillama:attention=math"  # (pdl needs CUDA)
+fi
 if [[ $TINY == 1 ]]; then
     ARGS=(--tiny --prompt-len 32 --new-tokens 16 --repeats 1)
 else
