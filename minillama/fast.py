@@ -216,7 +216,7 @@ class FastDecoder(nn.Module):
     max_seq_len: cache length (rounded up to a multiple of 8); prompt + new tokens must fit. Each step attends
                  over all of it, so keep it to what you need (a step reads 2 * L * Hkv * max_seq_len * D cache
                  values besides the weights).
-    compile:     torch.compile the step (CUDA: mode="reduce-overhead", i.e. CUDA graphs). None: on CUDA only,
+    compile:     torch.compile the step (CUDA: CUDA graphs, see compile_options). None: on CUDA only,
                  or as the MINILLAMA_COMPILE environment variable says.
     fuse:        fuse q/k/v and gate/up projections (default True).
     lag:         how many steps behind the device the host reads tokens; None: 4 on CUDA, 0 elsewhere.
