@@ -348,6 +348,16 @@ def worker_main(spec_json: str) -> None:
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
+def _keep_output(side: str, status: str, stdout: str | bytes | None, stderr: str | bytes | None) -> None:
+    """Append a side's whole output (compiler logs included) to $MINILLAMA_BENCH_LOG, if it is set."""
+    log = os.environ.get("MINILLAMA_BENCH_LOG")
+    if not log:
+        return
+    text = "".join(out.decode(errors="replace") if isinstance(out, bytes) else (out or "") for out in (stdout, stderr))
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"===== {side} ({status}) =====\n{text}\n")
+
+
 def run_worker(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
     """Run one side in a fresh Python process and return its figures."""
     env = dict(os.environ)
@@ -357,18 +367,10 @@ def run_worker(spec: dict[str, Any], timeout: float | None = None) -> dict[str, 
         proc = subprocess.run([sys.executable, "-m", "minillama.bench", "--worker", json.dumps(spec)],
                               capture_output=True, text=True, env=env, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as e:
-        log = os.environ.get("MINILLAMA_BENCH_LOG")
-        if log:
-            def text(out) -> str:
-                return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
-
-            with open(log, "a", encoding="utf-8") as f:
-                f.write(f"===== {spec['side']} (timed out) =====\n{text(e.stdout)}{text(e.stderr)}\n")
-        raise MinillamaError(f"the {spec['side']} side did not finish within {timeout:g} s (--side-timeout / --time-budget)") from None
-    log = os.environ.get("MINILLAMA_BENCH_LOG")  # keep every side's whole output (compiler logs included)
-    if log:
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(f"===== {spec['side']} (exit code {proc.returncode}) =====\n{proc.stdout}{proc.stderr}\n")
+        _keep_output(spec["side"], "timed out", e.stdout, e.stderr)
+        raise MinillamaError(f"the {spec['side']} side did not finish within {timeout:g} s "
+                             "(--side-timeout / --time-budget)") from None
+    _keep_output(spec["side"], f"exit code {proc.returncode}", proc.stdout, proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])

@@ -172,14 +172,18 @@ def test_time_budget_skips_the_last_sides(monkeypatch, capsys):
     assert "minillama/transformers" in out  # the sides that ran are still compared
 
 
-def test_side_timeout_is_reported(tmp_path):
+def test_side_timeout_is_reported(tmp_path, monkeypatch):
     from minillama.bench import TINY_CONFIG, run_worker
+
+    log = tmp_path / "sides.log"
+    monkeypatch.setenv("MINILLAMA_BENCH_LOG", str(log))
 
     path = write_random_checkpoint(TINY_CONFIG, tmp_path / "m", torch.float32)
     spec = {"side": "transformers", "device": "cpu", "dtype": "float32", "model": str(path), "prompt_len": 4,
             "new_tokens": 3, "repeats": 1, "seed": 0, "fast": True, "compile": None}
     with pytest.raises(MinillamaError, match="did not finish within 0.01 s"):
         run_worker(spec, timeout=0.01)
+    assert "===== transformers (timed out) =====" in log.read_text()
 
 
 def test_tokens_checked_catches_wrong_tokens(tiny_llama32):
