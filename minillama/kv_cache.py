@@ -1,8 +1,12 @@
 """The KV cache: keys and values of tokens already seen, so each new token costs one step.
 
-Buffers are allocated once, at the full length, on the model's device and dtype; a forward
-writes its new keys/values at slot `input_pos` and attends over slots [0, input_pos + T).
-Because the buffers never move, a compiled decode step can replay them with CUDA graphs.
+Buffers are allocated once, at the full length, on the model's device and dtype. A forward writes its
+new keys/values at slot `input_pos` and attends over them:
+- `input_pos` an int (prefill, the eager decode step): write slots [input_pos, input_pos + T) and attend
+  over the filled slots [0, input_pos + T) only;
+- `input_pos` a tensor (the compiled decode step): write with `index_copy_` and attend over every slot,
+  the empty ones masked. No shape then depends on the position, so one compiled graph (one CUDA graph)
+  serves every step, and the buffers never move.
 """
 
 from __future__ import annotations
@@ -21,12 +25,20 @@ class LayerKVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, D) at slots [input_pos, input_pos + T); return all keys/values so far."""
-        end = input_pos + k.shape[2]
+    def update(self, input_pos: int | torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, T, D) at slots [input_pos, input_pos + T); return the keys/values to attend to:
+        (B, Hkv, input_pos + T, D) for an int position, all (B, Hkv, S_max, D) for a tensor one."""
+        T = k.shape[2]
+        if isinstance(input_pos, torch.Tensor):
+            slots = input_pos + torch.arange(T, device=k.device)  # (T,)
+            self.k.index_copy_(2, slots, k)
+            self.v.index_copy_(2, slots, v)
+            return self.k, self.v
+        end = input_pos + T
         self.k[:, :, input_pos:end] = k
         self.v[:, :, input_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]  # (B, Hkv, S, D) with S = input_pos + T
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class KVCache(nn.Module):

@@ -140,17 +140,15 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None, :, :].expand(B, Hkv, n_rep, S, D).reshape(B, Hkv * n_rep, S, D)
 
 
-def attention_mask(input_pos: int, T: int, key_padding_mask: torch.Tensor | None,
-                   device: torch.device) -> torch.Tensor:
+def attention_mask(q_slots: torch.Tensor, S: int, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
     """Boolean mask (B or 1, 1, T, S), True where a query may attend to a key.
 
-    Query t sits at cache slot input_pos + t and sees slots up to and including its own (causal).
-    With left padding, `key_padding_mask` (B, S) marks real tokens; a padding query then sees only
-    itself, so no softmax row is empty (its output is never used).
+    Query t sits at cache slot q_slots[t] (T,) and sees slots up to and including its own (causal); slots
+    past it are either later tokens or empty. With left padding, `key_padding_mask` (B, S) marks real
+    tokens; a padding query then sees only itself, so no softmax row is empty (its output is never used).
     """
-    S = input_pos + T
-    q_slot = torch.arange(input_pos, S, device=device)[:, None]  # (T, 1)
-    k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
+    q_slot = q_slots[:, None]  # (T, 1)
+    k_slot = torch.arange(S, device=q_slots.device)[None, :]  # (1, S)
     mask = (k_slot <= q_slot)[None, None]  # (1, 1, T, S)
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :S].bool()  # (B, 1, T, S)
@@ -172,7 +170,7 @@ class LlamaAttention(Observable):
         self.o_proj = nn.Linear(H * D, C, bias=config.attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: LayerKVCache | None, input_pos: int) -> torch.Tensor:
+                cache: LayerKVCache | None, input_pos: int | torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.num_key_value_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -228,7 +226,7 @@ class LlamaDecoderLayer(Observable):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: LayerKVCache | None, input_pos: int) -> torch.Tensor:
+                cache: LayerKVCache | None, input_pos: int | torch.Tensor) -> torch.Tensor:
         residual = x  # (B, T, C)
         x = self.input_layernorm(x)
         x = self.self_attn(x, cos, sin, mask, cache, input_pos)
@@ -250,7 +248,7 @@ class LlamaModel(nn.Module):
         self.rotary_emb = LlamaRotaryEmbedding(config)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, input_pos: int) -> torch.Tensor:
+                cache: KVCache | None, input_pos: int | torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # (B, T, D) each, shared by all layers
         for i, layer in enumerate(self.layers):
@@ -267,13 +265,15 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # one tensor, two uses
 
-    def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None, input_pos: int = 0,
-                position_ids: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
+                input_pos: int | torch.Tensor = 0, position_ids: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """Logits (B, T, V) for input_ids (B, T).
 
         cache:            keys/values of earlier tokens; this call appends T more at slot `input_pos`.
-        input_pos:        how many tokens are already in the cache (0 without one).
+        input_pos:        how many tokens are already in the cache (0 without one). A (1,) tensor instead of
+                          an int makes every shape independent of the position (all cache slots are attended,
+                          the empty ones masked): what a compiled decode step needs (see kv_cache.py).
         position_ids:     RoPE positions (B, T); default input_pos + [0, T). Left-padded batches pass their own.
         key_padding_mask: (B, S) True for real tokens, False for padding; default: all real.
         logits_to_keep:   only the last this many positions get logits (B, logits_to_keep, V); 0 keeps all.
@@ -281,16 +281,22 @@ class LlamaForCausalLM(nn.Module):
                           prompt would otherwise cost ~0.5 MB per token.
         """
         B, T = input_ids.shape
-        if cache is None and input_pos != 0:
+        static = isinstance(input_pos, torch.Tensor)
+        if static and cache is None:
+            raise ValueError("a tensor input_pos needs the cache whose slots it indexes")
+        if not static and cache is None and input_pos != 0:
             raise ValueError("input_pos > 0 needs the cache that holds the earlier tokens")
-        if cache is not None and input_pos + T > cache.max_seq_len:
+        if not static and cache is not None and input_pos + T > cache.max_seq_len:
             raise ValueError(f"{input_pos + T} tokens do not fit a cache of {cache.max_seq_len}")
+        slots = input_pos + torch.arange(T, device=input_ids.device)  # (T,) cache slots of the new tokens
         if position_ids is None:
-            position_ids = torch.arange(input_pos, input_pos + T, device=input_ids.device).expand(B, T)
+            position_ids = slots.expand(B, T)
         eager = self.model.layers[0].self_attn.attn_implementation == "eager"
-        plain_causal = key_padding_mask is None and (input_pos == 0 or T == 1)
-        mask = None if plain_causal and not eager else attention_mask(input_pos, T, key_padding_mask,
-                                                                      input_ids.device)
+        # SDPA's own causal kernels are right when the keys are exactly [0, input_pos + T) and there is no
+        # padding: a prompt from slot 0, or one new token that sees every key. Otherwise, an explicit mask.
+        plain_causal = not static and key_padding_mask is None and (input_pos == 0 or T == 1)
+        S = cache.max_seq_len if static else input_pos + T
+        mask = None if plain_causal and not eager else attention_mask(slots, S, key_padding_mask)
         x = self.model(input_ids, position_ids, mask, cache, input_pos)  # (B, T, C)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
