@@ -1,3 +1,5 @@
+"""`python -m minillama ...`: the command line, as `minillama ...`."""
+
 import sys
 
 from minillama.cli import main

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from minillama.errors import MinillamaError
-from minillama.fast import FastDecoder, fast_path_applies
-from minillama.generation import STOP_LENGTH, GenerationConfig, generate
+from minillama.fast import CompiledEngine, compiled_engine_applies
+from minillama.generation import EagerEngine, GenerationConfig, generate
 from minillama.sampling import make_generator
 
 DEFAULT_CONTEXT = 8192  # KV cache slots allocated when the model's own context is longer
@@ -52,19 +52,28 @@ class TurnStats:
 
 
 class ChatSession:
-    """A conversation with one model. `send(text)` streams the reply as text pieces."""
+    """A conversation with one model. `send(text)` streams the reply as text pieces.
+
+    engine: "eager" (model.forward step by step) or "compiled" (the decode step compiled: CUDA graphs on a
+            GPU; call `engine.warmup()` before the first reply to compile up front); None: compiled on a GPU
+            where it applies, eager elsewhere. The session keeps one engine, whose KV cache holds the
+            conversation so far.
+    """
 
     def __init__(self, model: torch.nn.Module, tokenizer, generation_config: GenerationConfig,
                  system: str | None = None, seed: int | None = None, context: int | None = None,
-                 fast: bool = True):
-        self.model, self.tokenizer, self.config = model, tokenizer, generation_config
+                 engine: str | None = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, generation_config.ending_turns(tokenizer)
         self.seed = seed
         self.context = min(model.config.max_position_embeddings, context or DEFAULT_CONTEXT)
-        # The session's own cache: a FastDecoder (static cache, the fast decode path) where it applies.
-        if fast and fast_path_applies(model):
-            self.cache = FastDecoder(model, max_seq_len=self.context)
+        if engine is None:
+            engine = "compiled" if model.device.type == "cuda" and compiled_engine_applies(model) else "eager"
+        if engine == "compiled":
+            self.engine = CompiledEngine(model, max_seq_len=self.context)
+        elif engine == "eager":
+            self.engine = EagerEngine(model, model.new_cache(batch_size=1, max_seq_len=self.context))
         else:
-            self.cache = model.new_cache(batch_size=1, max_seq_len=self.context)
+            raise MinillamaError(f"engine={engine!r}: choose 'eager' or 'compiled'")
         self.system = system
         self.clear()
 
@@ -99,21 +108,20 @@ class ChatSession:
         reused = common_prefix(self.cached_ids, ids)
         if reused == len(ids):  # the cache already holds everything: re-feed the last token to get logits
             reused -= 1
-        config = self.config.updated(max_new_tokens=min(self.config.max_new_tokens, room))
         self.messages.append({"role": "user", "content": text})
         self.cached_ids = ids[:reused]  # slots past here are about to be overwritten
 
         stream = self.tokenizer.stream_decoder(skip_special_tokens=True)
-        generation = generate(self.model, ids[reused:], config, cache=self.cache, input_pos=reused,
-                              generator=self.generator, tokenizer=self.tokenizer, history=ids[:reused])
+        generation = generate(self.model, ids[reused:], self.config, engine=self.engine, input_pos=reused,
+                              generator=self.generator, tokenizer=self.tokenizer, history=ids[:reused],
+                              stop_at_context=True)
         pieces: list[str] = []
         start = first = time.perf_counter()
-        reason = "interrupted"
         try:
             for token in generation:
                 if len(generation.tokens[0]) == 1:
                     first = time.perf_counter()
-                piece = stream.push(token) if token not in config.eos_token_id else ""
+                piece = stream.push(token) if generation.stop_reason != "eos" else ""  # no end-of-turn text
                 if piece:
                     pieces.append(piece)
                     yield piece
@@ -121,16 +129,14 @@ class ChatSession:
             if tail:
                 pieces.append(tail)
                 yield tail
-            reason = generation.stop_reason
-            if reason == STOP_LENGTH and config.max_new_tokens < self.config.max_new_tokens:
-                reason = "context"
         finally:  # also on Ctrl-C or an early close: keep the partial reply and what the cache holds
             end = time.perf_counter()
             self.messages.append({"role": "assistant", "content": "".join(pieces)})
             self.cached_ids = (ids + generation.tokens[0])[:generation.input_pos]
             n = len(generation.tokens[0])
             self.last_stats = TurnStats(len(ids) - reused, (first if n else end) - start, n,
-                                        end - first if n else 0.0, reason, len(ids) + n)
+                                        end - first if n else 0.0, generation.stop_reason or "interrupted",
+                                        len(ids) + n)
 
     def transcript(self, **extra) -> dict:
         """The conversation and the settings that produced it, as saved by /save."""
@@ -150,13 +156,8 @@ class ChatSession:
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two id lists."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    """Length of the longest common prefix of two id lists (os.path.commonprefix works on any sequences)."""
+    return len(os.path.commonprefix([a, b]))
 
 
 def write_json_atomic(path: str | Path, data: dict) -> Path:

@@ -1,9 +1,14 @@
 """Generation: one prefill over the prompt, then one decode step per new token through the KV cache.
 
 `generate` returns a `Generation`, an iterator that yields each token id as soon as it is chosen, so
-the caller can stream text; once it is exhausted, `.stop_reason` says why it ended ("eos", "length"
-or "stop_string"). Sampling settings and stop rules live in `GenerationConfig`, whose defaults are
-transformers' and which a model directory's `generation_config.json` overrides.
+the caller can stream text; once it is exhausted, `.stop_reason` says why it ended ("eos", "length",
+"stop_string" or "context"). Sampling settings and stop rules live in `GenerationConfig`, whose defaults
+are transformers' and which a model directory's `generation_config.json` overrides.
+
+This is the one generation loop. It drives an *engine*, anything with `forward(ids, input_pos, ...)` ->
+last logits over its own KV cache: `EagerEngine` (model.forward, any batch) or `fast.CompiledEngine` (the
+same forward compiled for one token, CUDA graphs on a GPU). Every stop rule, the repetition history, and
+the pipe that reads tokens a few steps behind a GPU live here, once.
 
 Batches are left-padded: every row's last prompt token sits in the same column, so one decode step
 serves all rows. `attention_mask` (B, T) marks real tokens; padding gets no attention, and positions
@@ -23,10 +28,14 @@ from typing import Any
 import torch
 
 from minillama.errors import MinillamaError, read_json_object
-from minillama.fast import FastDecoder, decoder_for, fast_path_applies
+from minillama.fast import compiled_engine_applies, compiled_engine_for
 from minillama.sampling import SamplingSettings, check_sampling_args, make_generator, next_token, seen_tokens
 
-STOP_EOS, STOP_LENGTH, STOP_STRING = "eos", "length", "stop_string"
+STOP_EOS, STOP_LENGTH, STOP_STRING, STOP_CONTEXT = "eos", "length", "stop_string", "context"
+
+# Tokens that close a turn in common chat formats (Llama 3, ChatML). An instruct model ends its reply
+# with one; a generation_config.json that forgets it would otherwise let the model talk forever.
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>")
 
 
 @dataclass
@@ -90,6 +99,14 @@ class GenerationConfig(SamplingSettings):
         config.check()
         return config
 
+    def ending_turns(self, tokenizer: Any) -> GenerationConfig:
+        """These settings, also stopping at the end of a chat turn: the tokenizer's eos token and any
+        end-of-turn token (`END_OF_TURN_TOKENS`) its vocabulary has. Chat, pipeline and `minillama generate`
+        all stop by this one rule."""
+        extra = [tokenizer.eos_token_id, *(tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS)]
+        ids = list(dict.fromkeys([*self.eos_token_id, *(i for i in extra if i is not None)]))
+        return self.updated(eos_token_id=ids)
+
     def check(self) -> None:
         """Raise `MinillamaError` for any invalid value."""
         check_sampling_args(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
@@ -122,6 +139,92 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch
     return ids, mask
 
 
+# ---- Engines: where the logits come from -------------------------------------------------------------
+
+class EagerEngine:
+    """model.forward over a KV cache, one call per prefill or decode step: any batch, any padding.
+
+    The cache attends over its filled slots only, so a long cache costs nothing until it fills.
+    """
+
+    kind = "eager"
+    lag = 0  # each token is read as soon as it is chosen (on a CPU the read costs nothing)
+
+    def __init__(self, model: torch.nn.Module, cache: Any):
+        self.model, self.cache = model, cache
+        self.max_seq_len = cache.max_seq_len
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, input_pos: int, position_ids: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The last position's logits (B, V) for ids (B, T) written at slot input_pos."""
+        logits = self.model(ids, cache=self.cache, input_pos=input_pos, position_ids=position_ids,
+                            key_padding_mask=key_padding_mask, logits_to_keep=1)  # (B, 1, V)
+        return logits[:, -1]
+
+
+def _pick_engine(model: torch.nn.Module, engine: Any, B: int, padded: bool, needed: int) -> Any:
+    """The engine a `generate` call runs on: the one given, or a new one of the named kind."""
+    if engine is not None and not isinstance(engine, str):
+        return engine  # a running engine (a chat's): it holds the tokens before input_pos
+    if engine is None:  # compiled where it pays: one unpadded prompt on a GPU
+        applies = B == 1 and not padded and compiled_engine_applies(model)
+        engine = "compiled" if applies and model.device.type == "cuda" else "eager"
+    if engine == "eager":  # a cache just long enough for this call (the last token is never fed back)
+        return EagerEngine(model, model.new_cache(B, needed))
+    if engine == "compiled":
+        if B != 1 or padded:
+            raise MinillamaError("engine='compiled' runs one unpadded prompt; use engine='eager' for batches")
+        return compiled_engine_for(model, needed)
+    raise MinillamaError(f"engine={engine!r}: choose 'eager' or 'compiled'")
+
+
+# ---- Reading tokens behind the device ----------------------------------------------------------------
+
+class TokenPipe:
+    """Chosen tokens on their way to the host, read `lag` steps after they were chosen.
+
+    With lag 0 a token is read at once (one wait for the device per step: nothing on a CPU). With lag > 0
+    (a GPU) each token is copied into pinned host memory without blocking and read once its copy has
+    completed, `lag` steps later, so the GPU always has work queued while Python checks the stop rules.
+    Steps run past a stop are wasted work (at most `lag`), never a stall.
+    """
+
+    def __init__(self, lag: int, batch_size: int, device: torch.device):
+        self.lag, self.cuda = lag, device.type == "cuda" and lag > 0
+        ring = lag + 1
+        self.host = torch.empty(ring, batch_size + 1, dtype=torch.long, pin_memory=self.cuda)  # [ids..., healthy]
+        self.copied = [torch.cuda.Event() if self.cuda else None for _ in range(ring)]
+        self.pushed = self.popped = 0
+
+    def __len__(self) -> int:
+        return self.pushed - self.popped
+
+    def push(self, ids: torch.Tensor, healthy: torch.Tensor) -> None:
+        slot = self.pushed % len(self.copied)
+        with torch.inference_mode():
+            self.host[slot, :-1].copy_(ids, non_blocking=self.cuda)
+            self.host[slot, -1].copy_(healthy, non_blocking=self.cuda)
+        if self.cuda:
+            self.copied[slot].record()
+        self.pushed += 1
+
+    def due(self) -> bool:
+        """Whether the oldest token should be read now (more than `lag` tokens in flight)."""
+        return len(self) > self.lag
+
+    def pop(self) -> tuple[list[int], bool]:
+        """The oldest token ids (B,) and whether its logits were finite."""
+        slot = self.popped % len(self.copied)
+        if self.cuda:
+            self.copied[slot].synchronize()
+        self.popped += 1
+        row = self.host[slot].tolist()
+        return row[:-1], bool(row[-1])
+
+
+# ---- The loop ----------------------------------------------------------------------------------------
+
 class Generation:
     """The running generation that `generate` returns. Iterate it for token ids.
 
@@ -129,24 +232,26 @@ class Generation:
     have finished yield the pad id, until every row has finished.
 
     After (or during) iteration:
-        stop_reason   why the single prompt (or row 0) stopped: "eos", "length", "stop_string"; None while running
+        stop_reason   why the single prompt (or row 0) stopped: "eos", "length", "stop_string", "context";
+                      None while running
         stop_reasons  the same for every row
         tokens        the generated ids, one list per row
-        cache         the KV cache, holding `input_pos` tokens (the last generated token is not in it yet)
-        input_pos     how many tokens the cache holds; pass both to the next `generate` to continue
+        engine        the engine, whose KV cache holds `input_pos` tokens (the last generated one is not in it)
+        input_pos     how many tokens the cache holds: the one position counter. Pass `engine` and
+                      `input_pos` to the next `generate` to continue.
     """
 
-    def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 config: GenerationConfig, generator: torch.Generator | None, cache: Any, input_pos: int,
+    def __init__(self, engine: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 config: GenerationConfig, generator: torch.Generator | None, input_pos: int, limit: int,
                  tokenizer: Any, batched: bool, history: Sequence[int] | None = None):
-        self.model, self.config, self.generator, self.tokenizer = model, config, generator, tokenizer
-        self.history = history
-        self.batched = batched
-        self.cache, self.input_pos = cache, input_pos
-        B = input_ids.shape[0]
+        self.engine, self.config, self.generator, self.tokenizer = engine, config, generator, tokenizer
+        self.batched, self.input_pos, self.limit = batched, input_pos, limit
+        B, T = input_ids.shape
+        self._first_slot = input_pos + T  # where the first generated token's keys/values will go
         self.stop_reasons: list[str | None] = [None] * B
         self.tokens: list[list[int]] = [[] for _ in range(B)]
-        self._steps = self._run(input_ids, attention_mask)
+        self.vocab_size = engine.model.config.vocab_size
+        self._steps = self._run(input_ids, attention_mask, history)
 
     @property
     def stop_reason(self) -> str | None:
@@ -158,26 +263,65 @@ class Generation:
     def __next__(self) -> int | torch.Tensor:
         return next(self._steps)
 
-    # The work is done in the methods below under torch.inference_mode(). Each call enters and leaves
-    # it, because a `with` block around the `yield`s would leave inference mode switched on in the
-    # caller's code between steps.
+    def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+             history: Sequence[int] | None) -> Iterator[int | torch.Tensor]:
+        B, T = input_ids.shape
+        start = self.input_pos
+        position_ids, key_padding_mask, next_pos = self._padding(attention_mask, B, T)
+        seen = self._seen(input_ids, attention_mask, history)  # (B, V) what the repetition penalty counts
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # (B,) rows that stopped
+        pipe = TokenPipe(self.engine.lag if B == 1 else 0, B, input_ids.device)
 
-    @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor | None,
-                 key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """Run ids (B, T) through the model at slot `input_pos`; return the last position's logits (B, V)."""
-        logits = self.model(ids, cache=self.cache, input_pos=self.input_pos, position_ids=position_ids,
-                            key_padding_mask=key_padding_mask, logits_to_keep=1)  # (B, 1, V)
-        self.input_pos += ids.shape[1]
-        return logits[:, -1, :]
+        logits = self.engine.forward(input_ids, start, position_ids, key_padding_mask)  # the prefill: (B, V)
+        for step in range(self.limit):
+            ids, healthy = self._choose(logits, seen, finished)  # (B,) on the device
+            pipe.push(ids, healthy)
+            if pipe.due():
+                yield from self._emit(*pipe.pop(), finished)
+                if all(r is not None for r in self.stop_reasons):
+                    return
+            if step + 1 < self.limit:  # feed the chosen tokens back: one decode step at the next slot
+                if next_pos is not None:
+                    position_ids = next_pos + step  # (B, 1)
+                logits = self.engine.forward(ids[:, None], start + T + step, position_ids, key_padding_mask)
+        while len(pipe) and not all(r is not None for r in self.stop_reasons):
+            yield from self._emit(*pipe.pop(), finished)
+
+    def _padding(self, attention_mask: torch.Tensor | None, B: int, T: int):
+        """For a left-padded batch: RoPE positions of the prompt (B, T), the key mask over every cache slot
+        (B, S_max), and each row's next position (B, 1). All None without padding (the model's defaults)."""
+        if attention_mask is None:
+            return None, None, None
+        start = self.input_pos
+        # The mask may cover the cached tokens too (B, start + T); if it covers only the new ones,
+        # the cached ones are real.
+        if attention_mask.shape[1] == T:
+            attention_mask = torch.cat([attention_mask.new_ones(B, start), attention_mask], dim=1)
+        real = attention_mask.bool()  # (B, start + T)
+        # Positions count real tokens only, so a padded row sees the positions it would see alone;
+        # pads get position 1, as in transformers (their outputs are never used).
+        positions = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)  # (B, start + T)
+        # One mask over every cache slot: the prompt's pads are False, and every slot after the
+        # prompt is True already, since each holds a generated token by the time it is attended.
+        key_padding_mask = torch.ones(B, self.engine.max_seq_len, dtype=torch.bool, device=real.device)
+        key_padding_mask[:, : start + T] = real
+        return positions[:, start:], key_padding_mask, positions[:, -1:] + 1
+
+    def _seen(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+              history: Sequence[int] | None) -> torch.Tensor:
+        """(B, V) tokens the repetition penalty applies to: the new prompt tokens (not the pads, as in
+        transformers), the earlier turns in the cache (`history`), then each generated token."""
+        T = input_ids.shape[1]
+        seen = seen_tokens(input_ids, self.vocab_size, None if attention_mask is None else attention_mask[:, -T:])
+        if history:
+            seen |= seen_tokens(torch.as_tensor([list(history)], device=input_ids.device), self.vocab_size)
+        return seen
 
     @torch.inference_mode()
     def _choose(self, logits: torch.Tensor, seen: torch.Tensor,
                 finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next ids (B,) from logits (B, V), and whether every running row's logits were finite (a 0-d bool).
-
-        Finished rows get the pad id. The ids are marked seen, for the repetition penalty.
-        """
+        """Next ids (B,) from logits (B, V), and whether every running row's logits were finite (a 0-d bool),
+        both left on the device. Finished rows get the pad id. The ids are marked seen."""
         # One max per row is enough to catch a NaN or +inf anywhere in it (max propagates NaN).
         healthy = (torch.isfinite(logits.amax(dim=-1)) | finished).all()
         ids = next_token(logits, seen, self.config, self.generator)  # (B,)
@@ -185,65 +329,31 @@ class Generation:
         seen.scatter_(1, ids[:, None], True)
         return ids, healthy
 
-    def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Iterator[int | torch.Tensor]:
-        cfg, model = self.config, self.model
-        B, T = input_ids.shape
-        device = input_ids.device
-        eos = set(cfg.eos_token_id)
-        start = self.input_pos
+    def _emit(self, ids: list[int], healthy: bool, finished: torch.Tensor) -> Iterator[int | torch.Tensor]:
+        """Hand one step's tokens to the caller, applying every stop rule to each running row."""
+        if not healthy:
+            raise MinillamaError("the model produced NaN or infinite logits; its weights or the dtype "
+                                 "do not work (try float32)")
+        for b, token in enumerate(ids):
+            if self.stop_reasons[b] is not None:
+                continue  # finished earlier: this is padding
+            self.tokens[b].append(token)
+            self.stop_reasons[b] = self._stop_rule(b, token)
+            if self.stop_reasons[b] is not None:
+                finished[b] = True
+        step = max(len(t) for t in self.tokens)
+        self.input_pos = self._first_slot + step - 1  # the token just handed over is not in the cache yet
+        yield torch.tensor(ids) if self.batched else ids[0]
 
-        if attention_mask is None:
-            position_ids = key_padding_mask = next_pos = None  # the model's defaults: all real, positions count on
-        else:
-            # The mask may cover the cached tokens too (B, start + T); if it covers only the new ones,
-            # the cached ones are real.
-            if attention_mask.shape[1] == T:
-                attention_mask = torch.cat([attention_mask.new_ones(B, start), attention_mask], dim=1)
-            real = attention_mask.bool()  # (B, start + T)
-            # Positions count real tokens only, so a padded row sees the positions it would see alone;
-            # pads get position 1, as in transformers (their outputs are never used).
-            positions = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)  # (B, start + T)
-            position_ids = positions[:, start:]  # (B, T)
-            next_pos = positions[:, -1:] + 1  # (B, 1): where each row's first new token goes
-            # One mask over every cache slot: the prompt's pads are False, and every slot after the
-            # prompt is True already, since each holds a generated token by the time it is attended.
-            key_padding_mask = torch.ones(B, self.cache.max_seq_len, dtype=torch.bool, device=device)
-            key_padding_mask[:, : start + T] = real
-
-        # (B, V) tokens the repetition penalty applies to: the new prompt tokens, not the pads
-        # (transformers counts the pad id too), then each generated one.
-        seen = seen_tokens(input_ids, model.config.vocab_size,
-                           None if attention_mask is None else attention_mask[:, start:])
-        if self.history:  # earlier turns, already in the cache, count for the penalty too
-            seen |= seen_tokens(torch.as_tensor([list(self.history)], device=device), model.config.vocab_size)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) mirrors stop_reasons on the device
-
-        logits = self._forward(input_ids, position_ids, key_padding_mask)  # the prefill
-        for step in range(cfg.max_new_tokens):
-            ids, healthy = self._choose(logits, seen, finished)
-            ids_list = ids.tolist()  # the one wait for the device per step
-            if not bool(healthy):
-                raise MinillamaError("the model produced NaN or infinite logits; its weights or the dtype "
-                                     "do not work (try float32)")
-            for b, token in enumerate(ids_list):
-                if self.stop_reasons[b] is not None:
-                    continue  # finished earlier: this is padding
-                self.tokens[b].append(token)
-                if token in eos:
-                    self.stop_reasons[b] = STOP_EOS
-                elif self._hits_stop_string(b):
-                    self.stop_reasons[b] = STOP_STRING
-                elif step == cfg.max_new_tokens - 1:
-                    self.stop_reasons[b] = STOP_LENGTH
-                if self.stop_reasons[b] is not None:
-                    finished[b] = True
-            yield ids if self.batched else ids_list[0]
-            if all(r is not None for r in self.stop_reasons):
-                return
-            # Feed the chosen tokens back: one decode step at the next slot.
-            if next_pos is not None:
-                position_ids = next_pos + step  # (B, 1)
-            logits = self._forward(ids[:, None], position_ids, key_padding_mask)
+    def _stop_rule(self, b: int, token: int) -> str | None:
+        """Why row b stops after `token`, or None: every stop rule of minillama, in one place."""
+        if token in self.config.eos_token_id:
+            return STOP_EOS
+        if self._hits_stop_string(b):
+            return STOP_STRING
+        if len(self.tokens[b]) == self.limit:
+            return STOP_LENGTH if self.limit == self.config.max_new_tokens else STOP_CONTEXT
+        return None
 
     def _hits_stop_string(self, b: int) -> bool:
         """Whether row b's generated text now contains a stop string."""
@@ -257,69 +367,72 @@ class Generation:
         return any(s in text for s in stops)
 
 
-class FastGeneration(Generation):
-    """What `generate` returns on the fast path (`minillama/fast.py`): one prompt, the same interface as
-    `Generation` (iterate for ints; `stop_reason`, `tokens`, `input_pos`; `cache` is the FastDecoder,
-    which holds its own static KV cache: pass it back as `cache=` to continue)."""
-
-    def __init__(self, decoder: Any, input_ids: torch.Tensor, config: GenerationConfig,
-                 generator: torch.Generator | None, input_pos: int, tokenizer: Any,
-                 history: Sequence[int] | None):
-        self.cache, self.config, self.tokenizer = decoder, config, tokenizer
-        self.input_pos = input_pos
-        self.stop_reasons: list[str | None] = [None]
-        self.tokens: list[list[int]] = [[]]
-        self._steps = self._run_fast(decoder, input_ids, generator, history)
-
-    def _run_fast(self, decoder: Any, input_ids: torch.Tensor, generator: torch.Generator | None,
-                  history: Sequence[int] | None) -> Iterator[int]:
-        cfg, tokens = self.config, self.tokens[0]
-        steps = decoder.generate(input_ids, cfg.max_new_tokens, cfg, eos_token_ids=cfg.eos_token_id,
-                                 generator=generator, input_pos=self.input_pos,
-                                 history=list(history) if history else None)
-        for token in steps:
-            tokens.append(token)
-            self.input_pos = decoder.cached_tokens
-            stop = self._hits_stop_string(0)
-            if stop:
-                self.stop_reasons[0] = STOP_STRING
-            yield token
-            if stop:
-                return
-        self.stop_reasons[0] = decoder.stop_reason
-
-
 def generate(model: torch.nn.Module, input_ids: Any, generation_config: GenerationConfig | None = None, *,
              attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             cache: Any = None, input_pos: int = 0, tokenizer: Any = None, stop_strings: list[str] | None = None,
-             history: Sequence[int] | None = None, fast: bool | None = None,
-             **overrides: Any) -> Generation | FastGeneration:
+             engine: str | Any | None = None, input_pos: int = 0, tokenizer: Any = None,
+             stop_strings: list[str] | None = None, history: Sequence[int] | None = None,
+             stop_at_context: bool = False, **overrides: Any) -> Generation:
     """Generate tokens after a prompt; returns a `Generation` that yields them one step at a time.
 
     input_ids:         one prompt (list of ints, 1-D tensor or (1, T)) -> yields ints;
                        a batch (B, T) tensor, or a list of id lists (left-padded here) -> yields (B,) tensors
-    generation_config: settings (default: transformers' defaults); `overrides` replace single fields
-                       (temperature=0.7, max_new_tokens=50, ...; None values are ignored)
+    generation_config: settings (default: the model's own `model.generation_config` if it has one, else
+                       transformers' defaults); `overrides` replace single fields (temperature=0.7, ...)
     attention_mask:    (B, T) or (B, input_pos + T), 1 for real tokens and 0 for left padding
     generator:         a torch.Generator on the model's device, for reproducible sampling
-    cache, input_pos:  continue from a KV cache already holding `input_pos` tokens (e.g. the earlier
-                       turns of a chat); only `input_ids` (the new tokens) are prefilled
+    engine:            "eager" (model.forward step by step), "compiled" (the same forward compiled for one
+                       token; CUDA graphs on a GPU; one unpadded prompt), an engine already holding
+                       `input_pos` tokens (from a previous `Generation.engine`, e.g. a chat's earlier turns:
+                       then only `input_ids`, the new tokens, are prefilled), or None: compiled on a GPU
+                       where it applies, eager otherwise. Every engine yields the same tokens.
     tokenizer:         needed for stop strings (anything with `decode(ids) -> str`)
     history:           one prompt only: ids already in the cache (a chat's earlier turns) that the
                        repetition penalty counts too, as it would if the whole conversation were fed again
-    fast:              one prompt: decode with `minillama.fast.FastDecoder` (static cache, fused and packed
-                       weights, CUDA graphs on a GPU), which yields the same tokens. None (default) uses it
-                       where it applies: one prompt, no padding, no `cache` given or a FastDecoder given as
-                       `cache` (how a chat continues), and a non-dynamic RoPE. False: always the plain path.
+    stop_at_context:   when prompt + max_new_tokens do not fit the context, generate until it is full and
+                       stop with reason "context" (a chat does this); False: refuse the request
 
     Every check (settings, ids, context length) happens here, before any model work.
     """
-    config = (generation_config or GenerationConfig()).updated(stop_strings=stop_strings, **overrides)
+    config = generation_config or getattr(model, "generation_config", None) or GenerationConfig()
+    config = config.updated(stop_strings=stop_strings, **overrides)
     if config.stop_strings and tokenizer is None:
         raise MinillamaError("stop strings need a tokenizer to decode the generated text; pass tokenizer=")
-    device = model.device
+    input_ids, attention_mask, batched = _check_prompt(model, input_ids, attention_mask, config, input_pos)
+    B, T = input_ids.shape
 
-    # One prompt or a batch?
+    # Will it fit? Checked before anything is allocated or computed.
+    if isinstance(input_pos, bool) or not isinstance(input_pos, int) or input_pos < 0:
+        raise MinillamaError(f"input_pos must be a number of cached tokens >= 0, got {input_pos!r}")
+    running = engine is not None and not isinstance(engine, str)
+    if input_pos and not running:
+        raise MinillamaError("input_pos > 0 needs the engine whose cache holds those tokens; pass engine=")
+    context = model.config.max_position_embeddings
+    if running:
+        context = min(context, engine.max_seq_len)
+        rows = getattr(engine.cache, "batch_size", 1)
+        if rows != B:
+            raise MinillamaError(f"the engine's cache holds {rows} rows but the prompt has {B}")
+    limit = config.max_new_tokens
+    if input_pos + T + limit > context:
+        if not stop_at_context or input_pos + T >= context:
+            raise MinillamaError(f"{input_pos + T} prompt tokens + max_new_tokens={limit} = {input_pos + T + limit} "
+                                 f"exceeds the context of {context} tokens; shorten the prompt or lower "
+                                 "max_new_tokens")
+        limit = context - input_pos - T
+    if history and B != 1:
+        raise MinillamaError("history= is for a single prompt; a batch passes its full ids instead")
+    if generator is None and not config.is_greedy:
+        generator = make_generator(model.device)  # fresh entropy; pass a seeded generator to reproduce a run
+
+    engine = _pick_engine(model, engine, B, attention_mask is not None, input_pos + T + limit)
+    return Generation(engine, input_ids, attention_mask, config, generator, input_pos, limit, tokenizer, batched,
+                      history)
+
+
+def _check_prompt(model: torch.nn.Module, input_ids: Any, attention_mask: Any, config: GenerationConfig,
+                  input_pos: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """The prompt as ids (B, T) on the model's device, its padding mask (None when there is none) and
+    whether it is a batch; raises for ids the model cannot take."""
     if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple)):
         padded, mask = left_pad(input_ids, config.pad_id)
         input_ids, attention_mask = padded, mask if attention_mask is None else attention_mask
@@ -330,7 +443,7 @@ def generate(model: torch.nn.Module, input_ids: Any, generation_config: Generati
     if input_ids.numel() == 0:
         raise MinillamaError("the prompt is empty; give at least one token")
     batched = input_ids.ndim == 2 and input_ids.shape[0] > 1
-    input_ids = input_ids.reshape(-1, input_ids.shape[-1]).to(device=device, dtype=torch.long)  # (B, T)
+    input_ids = input_ids.reshape(-1, input_ids.shape[-1]).to(device=model.device, dtype=torch.long)  # (B, T)
     B, T = input_ids.shape
     vocab = model.config.vocab_size
     low, high = int(input_ids.min()), int(input_ids.max())
@@ -340,44 +453,10 @@ def generate(model: torch.nn.Module, input_ids: Any, generation_config: Generati
         raise MinillamaError(f"pad_token_id {config.pad_id} is outside the model's vocabulary (0..{vocab - 1}); "
                              "set pad_token_id to a valid id")
     if attention_mask is not None:
-        attention_mask = torch.as_tensor(attention_mask).to(device).reshape(B, -1)
+        attention_mask = torch.as_tensor(attention_mask).to(model.device).reshape(B, -1)
         if attention_mask.shape[1] not in (T, input_pos + T):
             raise MinillamaError(f"attention_mask has {attention_mask.shape[1]} columns; expected {T} "
                                  f"(the prompt) or {input_pos + T} (cached and new tokens)")
         if bool(attention_mask.bool().all()):
             attention_mask = None  # no padding: take the plain causal path
-
-    # Will it fit? Checked before anything is allocated or computed.
-    if isinstance(input_pos, bool) or not isinstance(input_pos, int) or input_pos < 0:
-        raise MinillamaError(f"input_pos must be a number of cached tokens >= 0, got {input_pos!r}")
-    if cache is None and input_pos:
-        raise MinillamaError("input_pos > 0 needs the cache that holds those tokens; pass cache=")
-    context = model.config.max_position_embeddings
-    if cache is not None:
-        context = min(context, cache.max_seq_len)
-        if getattr(cache, "batch_size", 1) != B:  # (a FastDecoder holds one row)
-            raise MinillamaError(f"the cache holds {cache.batch_size} rows but the prompt has {B}")
-    needed = input_pos + T + config.max_new_tokens
-    if needed > context:
-        raise MinillamaError(f"{input_pos + T} prompt tokens + max_new_tokens={config.max_new_tokens} = {needed} "
-                             f"exceeds the context of {context} tokens; shorten the prompt or lower max_new_tokens")
-
-    if history and B != 1:
-        raise MinillamaError("history= is for a single prompt; a batch passes its full ids instead")
-    if generator is None and not config.is_greedy:
-        generator = make_generator(device)  # fresh entropy; pass a seeded generator to reproduce a run
-
-    fast_cache = isinstance(cache, FastDecoder)
-    if fast is None:
-        fast = B == 1 and attention_mask is None and (cache is None or fast_cache) and fast_path_applies(model)
-    if fast:
-        if B != 1 or attention_mask is not None or (cache is not None and not fast_cache):
-            raise MinillamaError("fast=True decodes one unpadded prompt, with no cache or a FastDecoder as cache")
-        decoder = cache if fast_cache else decoder_for(model, needed)
-        return FastGeneration(decoder, input_ids, config, generator, input_pos, tokenizer, history)
-    if fast_cache:
-        raise MinillamaError("a FastDecoder cache needs the fast path; pass fast=True or a KVCache")
-    if cache is None:  # just long enough for this call (the last token is never fed back)
-        cache = model.new_cache(B, needed)
-    return Generation(model, input_ids, attention_mask, config, generator, cache, input_pos, tokenizer, batched,
-                      history)
+    return input_ids, attention_mask, batched

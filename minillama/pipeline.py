@@ -25,10 +25,6 @@ from minillama.tokenizer import load_tokenizer
 
 Messages = Sequence[Mapping[str, Any]]
 
-# Tokens that close a turn in common chat formats (Llama 3, ChatML). An instruct model ends its reply
-# with one; a generation_config.json that forgets it would otherwise let the model talk forever.
-END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>")
-
 
 class ChatPipeline:
     """A model, its tokenizer and its generation defaults, ready to answer a chat.
@@ -64,16 +60,10 @@ class ChatPipeline:
             messages = [{"role": "user", "content": messages}]
         prompt_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                         **(chat_template_kwargs or {}))
-        config = self.generation_config.updated(**overrides)
-        config = config.updated(eos_token_id=self.end_of_turn_ids(config.eos_token_id))
+        config = self.generation_config.updated(**overrides).ending_turns(self.tokenizer)
         generation = generate(self.model, prompt_ids, config, generator=self.generator, tokenizer=self.tokenizer)
         self.last_generation = generation
         return self._pieces(generation)
-
-    def end_of_turn_ids(self, eos_ids: list[int]) -> list[int]:
-        """`eos_ids` plus the tokenizer's eos and any end-of-turn token its vocabulary has."""
-        extra = [self.tokenizer.eos_token_id, *(self.tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS)]
-        return list(dict.fromkeys([*eos_ids, *(i for i in extra if i is not None)]))
 
     def _pieces(self, generation: Generation) -> Iterator[str]:
         # A separate generator, so that `stream` itself checks everything when called, not at the first piece.

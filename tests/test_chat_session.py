@@ -1,37 +1,41 @@
-"""ChatSession: the fast path and the plain path hold the same conversation, token for token."""
+"""ChatSession: the compiled and the eager engine hold the same conversation, token for token."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import minillama
 from minillama.chat import ChatSession
-from minillama.fast import FastDecoder
-from minillama.generation import GenerationConfig
-from minillama.kv_cache import KVCache
+from minillama.fast import CompiledEngine
+from minillama.generation import EagerEngine, GenerationConfig
 from minillama.tokenizer import load_tokenizer
 
 TURNS = ["Hello!", "Tell me about rivers.", "And mountains?", "Thanks."]
 
 
-@pytest.mark.parametrize("sampling", [
+SAMPLINGS = [
     dict(do_sample=False),
-    dict(do_sample=False, repetition_penalty=1.3),  # the penalty must count earlier turns on both paths
+    dict(do_sample=False, repetition_penalty=1.3),  # the penalty must count earlier turns on both engines
     dict(do_sample=True, temperature=0.9, top_k=40, top_p=0.95, min_p=0.02),
-])
-def test_fast_and_plain_sessions_agree(chat_model, sampling):
+]
+
+
+def test_compiled_and_eager_sessions_agree(chat_model):
     model, tokenizer = minillama.load_model(chat_model, device="cpu"), load_tokenizer(chat_model)
-    config = GenerationConfig.from_model_dir(chat_model).updated(max_new_tokens=16, **sampling)
-    fast = ChatSession(model, tokenizer, config, system="Be kind.", seed=4, context=512)
-    plain = ChatSession(model, tokenizer, config, system="Be kind.", seed=4, context=512, fast=False)
-    assert isinstance(fast.cache, FastDecoder) and isinstance(plain.cache, KVCache)
-    for text in TURNS:
-        assert "".join(fast.send(text)) == "".join(plain.send(text))
-        assert fast.cached_ids == plain.cached_ids
-        assert fast.last_stats.prompt_tokens == plain.last_stats.prompt_tokens
-    # later turns prefilled only their new tokens
-    assert fast.last_stats.prompt_tokens < len(fast.cached_ids) // 2
+    config = GenerationConfig.from_model_dir(chat_model).updated(max_new_tokens=16)
+    compiled = ChatSession(model, tokenizer, config, system="Be kind.", seed=4, context=512, engine="compiled")
+    eager = ChatSession(model, tokenizer, config, system="Be kind.", seed=4, context=512)
+    assert isinstance(compiled.engine, CompiledEngine) and isinstance(eager.engine, EagerEngine)  # eager on CPU
+    for sampling in SAMPLINGS:  # one session per engine (one compile), cleared between settings
+        for session in (compiled, eager):
+            session.config = config.updated(**sampling)
+            session.clear()
+        for text in TURNS:
+            assert "".join(compiled.send(text)) == "".join(eager.send(text))
+            assert compiled.cached_ids == eager.cached_ids
+            assert compiled.last_stats.prompt_tokens == eager.last_stats.prompt_tokens
+        # later turns prefilled only their new tokens
+        assert compiled.last_stats.prompt_tokens < len(compiled.cached_ids) // 2
 
 
 def test_interrupted_reply_keeps_a_consistent_cache(chat_model):
@@ -45,7 +49,7 @@ def test_interrupted_reply_keeps_a_consistent_cache(chat_model):
     stream.close()  # what a KeyboardInterrupt inside the loop does to the generator
     assert session.messages[-1] == {"role": "assistant", "content": partial}
     assert session.last_stats.stop_reason == "interrupted"
-    replay = ChatSession(model, tokenizer, config, context=512, fast=False)
+    replay = ChatSession(model, tokenizer, config, context=512)
     replay.messages = [dict(m) for m in session.messages]
     with torch.no_grad():
         assert "".join(session.send("go on")) == "".join(replay.send("go on"))

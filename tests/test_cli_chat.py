@@ -141,17 +141,19 @@ def test_generate_prints_only_the_completion(chat_model):
                                     skip_special_tokens=True) + "\n"
 
 
-def test_compile_notice_and_no_compile(chat_model):
-    """When the fast path will compile (CUDA, or MINILLAMA_COMPILE=1 as here on CPU) the user is told before
-    the wait; --no-compile skips compiling, and the completion is the same either way."""
+def test_compile_notice_and_engines(chat_model):
+    """When the compiled engine is chosen (the default on CUDA; --engine compiled here on CPU) the user is told
+    before the wait; the eager engine does not compile, and the completion is the same either way."""
     args = ("generate", str(chat_model), "--prompt", "Name a color", "--greedy", "-n", "6")
-    compiled = run_cli(*args, env={"MINILLAMA_COMPILE": "1"})
+    compiled = run_cli(*args, "--engine", "compiled")
     assert compiled.returncode == 0, compiled.stderr
     assert "compiling the decode step" in compiled.stderr and "--no-compile skips it" in compiled.stderr
-    eager = run_cli(*args, "--no-compile", env={"MINILLAMA_COMPILE": "1"})
+    eager = run_cli(*args, "--engine", "eager")
     assert eager.returncode == 0, eager.stderr
     assert "compiling" not in eager.stderr
     assert eager.stdout == compiled.stdout
+    contradiction = run_cli(*args, "--engine", "compiled", "--no-compile")
+    assert contradiction.returncode == 2 and "--no-compile contradicts --engine compiled" in contradiction.stderr
 
 
 def test_empty_prompt_and_missing_model_exit_2(tmp_path):

@@ -1,4 +1,5 @@
-"""The fast decode path (minillama.fast) against the regular generate(): same tokens, same names, same logits."""
+"""The engines and the one generation loop: the compiled decode step (minillama.fast), the static-shape
+forward it compiles, packed weights, and the lagged token pipe, all against the plain eager forward."""
 
 from __future__ import annotations
 
@@ -10,16 +11,16 @@ from conftest import make_hf_checkpoint
 
 from minillama.checkpoint import load_model
 from minillama.errors import MinillamaError
-from minillama.fast import FastDecoder, fuse_projections
-from minillama.generation import generate
-from minillama.sampling import SamplingSettings
+from minillama.fast import CompiledEngine, compile_options, compiled_engine_for
+from minillama.generation import EagerEngine, generate
+from minillama.packing import PackedLinear, is_packed, pack_linears, unpack_linears
 
 N_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
 def tiny_biased(tmp_path_factory):
-    """MHA-free GQA with biases on every projection: the fused bias must be split like the weight."""
+    """GQA with biases on every projection: packed and compiled Linears must carry the bias."""
     return make_hf_checkpoint(tmp_path_factory.mktemp("biased"), seed=2, attention_bias=True, mlp_bias=True)
 
 
@@ -28,113 +29,179 @@ def prompt_ids(n: int = 7, seed: int = 0) -> torch.Tensor:
 
 
 def reference_tokens(model, prompt: torch.Tensor, n: int = N_TOKENS, **settings) -> list[int]:
-    """The regular path: generation.generate over model.forward and its KV cache."""
-    return list(generate(model, prompt, max_new_tokens=n, eos_token_id=[], fast=False, **settings))
+    """The plain path: the eager engine, model.forward step by step."""
+    return list(generate(model, prompt, max_new_tokens=n, eos_token_id=[], engine="eager", **settings))
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama32", "tiny_llama2", "tiny_biased"])
-@pytest.mark.parametrize("fuse, pack", [(True, True), (True, False), (False, False)])
-@pytest.mark.parametrize("lag", [0, 3])
-def test_greedy_tokens_equal_regular_path(request, fixture, fuse, pack, lag):
-    model = load_model(request.getfixturevalue(fixture), device="cpu")
-    prompt = prompt_ids()
-    expected = reference_tokens(model, prompt)
-    fast = FastDecoder(model, max_seq_len=64, compile=False, fuse=fuse, lag=lag, pack=pack)
-    assert (fast.packed is not None) == pack
-    assert list(fast.generate(prompt, N_TOKENS)) == expected
-    assert fast.stop_reason == "length"
-    # The model itself is unchanged by the fusion: the regular path still gives the same tokens.
-    assert reference_tokens(model, prompt) == expected
+# ---- The static-shape forward (what the compiled step runs), eagerly ------------------------------------
 
-
-def test_sampling_with_a_seed_equals_regular_path(tiny_llama32):
-    model = load_model(tiny_llama32, device="cpu")
-    prompt = prompt_ids(seed=1)
-    settings = {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95, "min_p": 0.01, "repetition_penalty": 1.3}
-    expected = reference_tokens(model, prompt, generator=torch.Generator().manual_seed(7), **settings)
-    fast = FastDecoder(model, max_seq_len=64, compile=False)
-    got = list(fast.generate(prompt, N_TOKENS, SamplingSettings(**settings),
-                             generator=torch.Generator().manual_seed(7)))
-    assert got == expected
-    assert len(set(got)) > 5  # really sampled, not stuck on one token
-
-
-def test_greedy_with_repetition_penalty(tiny_llama2):
-    model = load_model(tiny_llama2, device="cpu")
-    prompt = prompt_ids(seed=2)
-    expected = reference_tokens(model, prompt, repetition_penalty=1.5)
-    fast = FastDecoder(model, max_seq_len=64, compile=False)
-    assert list(fast.generate(prompt, N_TOKENS, SamplingSettings(repetition_penalty=1.5))) == expected
-
-
-@pytest.mark.parametrize("lag", [0, 3])
-def test_eos_stops_after_yielding_it(tiny_llama32, lag):
-    model = load_model(tiny_llama32, device="cpu")
-    prompt = prompt_ids()
-    tokens = reference_tokens(model, prompt)
-    eos = tokens[5]
-    stop = tokens.index(eos)  # its first occurrence
-    fast = FastDecoder(model, max_seq_len=64, compile=False, lag=lag)
-    assert list(fast.generate(prompt, N_TOKENS, eos_token_ids=[eos, 10_000])) == tokens[: stop + 1]
-    assert fast.stop_reason == "eos"
-
-
-def test_fused_projections_keep_names_and_logits(tiny_biased):
-    model = load_model(tiny_biased, device="cpu")
-    names = list(model.state_dict())
-    ids = prompt_ids(12)[None]
-    with torch.no_grad():
-        before = model(ids)
-        fused = fuse_projections(model)
-        after = model(ids)
-    assert list(model.state_dict()) == names
-    torch.testing.assert_close(after, before, rtol=0, atol=0)
-    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    # The Linear weights are views into the fused tensors: no second copy of the weights.
-    assert attn.q_proj.weight.data_ptr() == fused[0].qkv_weight.data_ptr()
-    assert attn.v_proj.weight.untyped_storage().data_ptr() == fused[0].qkv_weight.untyped_storage().data_ptr()
-    assert mlp.up_proj.bias.untyped_storage().data_ptr() == fused[0].gate_up_bias.untyped_storage().data_ptr()
-    assert fuse_projections(model) is fused  # idempotent
-
-
-def test_static_step_logits_equal_forward(tiny_llama32):
-    """One decode step over the whole (masked) cache buffer equals model.forward over the cached slice."""
+def test_tensor_position_step_equals_forward(tiny_llama32):
+    """One token at a tensor position, attending over the whole (masked) cache, equals the plain forward."""
     model = load_model(tiny_llama32, device="cpu")
     ids = prompt_ids(10)[None]
     with torch.inference_mode():
         expected = model(ids)[:, -1]  # (1, V)
-        fast = FastDecoder(model, max_seq_len=32, compile=False)
-        fast.prefill(ids[:, :-1])
-        fast.token.copy_(ids[:, -1:])
-        got = fast._decode_logits()
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert int(fast.pos) == 10
+        cache = model.new_cache(1, 32)
+        model(ids[:, :-1], cache=cache)
+        got = model(ids[:, -1:], cache=cache, input_pos=torch.tensor([9]))[:, -1]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        # The same with the explicit (eager) attention: the mask hides the empty slots there too.
+        model.set_attn_implementation("eager")
+        got = model(ids[:, -1:], cache=cache, input_pos=torch.tensor([9]))[:, -1]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_math_attention_equals_sdpa(tiny_llama32):
-    """attention="math" (matmuls and an fp32 softmax) is the same step as SDPA: logits and greedy tokens."""
+# ---- Packed weights: a module swap -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("fixture", ["tiny_llama32", "tiny_biased"])
+def test_packed_linears_keep_names_state_dict_and_logits(request, fixture):
+    path = request.getfixturevalue(fixture)
+    plain = load_model(path, device="cpu")
+    packed = load_model(path, device="cpu", pack=True)
+    assert isinstance(packed.model.layers[0].self_attn.q_proj, PackedLinear)
+    assert isinstance(packed.lm_head, PackedLinear) and is_packed(packed) and not is_packed(plain)
+    # Same module tree and state_dict keys; the weights come back in their usual layout, exactly.
+    assert [n for n, _ in packed.named_modules()] == [n for n, _ in plain.named_modules()]
+    state, reference = packed.state_dict(), plain.state_dict()
+    assert list(state) == list(reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0)
+    assert "PackedLinear(in_features=64, out_features=" in str(packed)
+    ids = prompt_ids(12)[None]
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(ids), plain(ids), rtol=1e-5, atol=1e-5)  # oneDNN sums in its own order
+    # One copy of each matrix: a packed Linear holds no plain weight besides the packed one.
+    attn = packed.model.layers[0].self_attn.q_proj
+    assert [name for name, _ in attn.named_parameters()] == ["weight"] + (["bias"] if attn.bias is not None else [])
+    assert attn.weight.is_mkldnn
+    # Undoing it gives the plain model back, tied head included.
+    assert unpack_linears(packed) == pack_linears(load_model(path, device="cpu"))
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(ids), plain(ids), rtol=0, atol=0)
+
+
+def test_load_state_dict_into_a_packed_model(tiny_llama2):
+    plain = load_model(tiny_llama2, device="cpu")
+    packed = load_model(tiny_llama2, device="cpu", pack=True)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.mul_(0.5)
+    packed.load_state_dict(plain.state_dict())
+    ids = prompt_ids(9)[None]
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(ids), plain(ids), rtol=1e-5, atol=1e-5)
+
+
+# ---- The token pipe (the GPU reads tokens `lag` steps behind) ----------------------------------------------
+
+@pytest.mark.parametrize("lag", [1, 3])
+def test_lagged_pipe_gives_the_same_tokens_and_stops_on_eos(tiny_llama32, lag):
     model = load_model(tiny_llama32, device="cpu")
-    ids = prompt_ids(10)[None]
-    logits = {}
-    for attention in ("sdpa", "math"):
-        fast = FastDecoder(model, max_seq_len=32, compile=False, attention=attention)
-        assert fast.attention == attention
-        with torch.inference_mode():
-            fast.prefill(ids[:, :-1])
-            fast.token.copy_(ids[:, -1:])
-            logits[attention] = fast._decode_logits()
-    torch.testing.assert_close(logits["math"], logits["sdpa"], rtol=1e-5, atol=1e-5)
-    fast = FastDecoder(model, max_seq_len=64, compile=False, attention="math")
-    assert list(fast.generate(prompt_ids(), N_TOKENS)) == reference_tokens(model, prompt_ids())
-    with pytest.raises(MinillamaError, match="'sdpa' or 'math'"):
-        FastDecoder(model, max_seq_len=32, attention="flash")
-    with pytest.raises(MinillamaError, match="pdl=True needs the compiled step on a CUDA device"):
-        FastDecoder(model, max_seq_len=32, pdl=True)
+    prompt = prompt_ids()
+    tokens = reference_tokens(model, prompt)
+    engine = EagerEngine(model, model.new_cache(1, 64))
+    engine.lag = lag
+    assert list(generate(model, prompt, max_new_tokens=N_TOKENS, eos_token_id=[], engine=engine)) == tokens
+    eos = tokens[5]
+    stop = tokens.index(eos)  # its first occurrence
+    generation = generate(model, prompt, max_new_tokens=N_TOKENS, eos_token_id=[eos, 10_000], engine=engine)
+    assert list(generation) == tokens[: stop + 1] and generation.stop_reason == "eos"
+    # The position counter counts what was handed over, not the steps run ahead of it.
+    assert generation.input_pos == len(prompt) + stop
+
+
+@pytest.mark.parametrize("lag", [0, 3])
+def test_non_finite_logits_raise_when_read(tiny_llama32, lag):
+    """Overflowing activations give inf logits: the device-side flag stops generation with a message."""
+    model = load_model(tiny_llama32, device="cpu")
+    with torch.no_grad():
+        model.model.norm.weight[0] = 3e38  # finite, but x * 3e38 overflows float32
+    engine = EagerEngine(model, model.new_cache(1, 64))
+    engine.lag = lag
+    with pytest.raises(MinillamaError, match="NaN or infinite logits"):
+        list(generate(model, prompt_ids(), max_new_tokens=10, engine=engine))
+
+
+def test_context_full_is_a_stop_reason(tiny_llama32):
+    model = load_model(tiny_llama32, device="cpu")
+    engine = EagerEngine(model, model.new_cache(1, 20))
+    generation = generate(model, prompt_ids(), max_new_tokens=50, eos_token_id=[], engine=engine,
+                          stop_at_context=True)
+    assert len(list(generation)) == 20 - 7 and generation.stop_reason == "context"
+    with pytest.raises(MinillamaError, match="context of 20"):
+        generate(model, prompt_ids(), max_new_tokens=50, engine=engine)
+
+
+# ---- The compiled engine (Inductor's C++ backend on this CPU) --------------------------------------------
+
+@pytest.mark.parametrize("fixture, attention", [("tiny_llama32", "sdpa"), ("tiny_biased", "eager")])
+def test_compiled_engine_gives_the_same_tokens(request, fixture, attention):
+    pytest.importorskip("torch._inductor")
+    model = load_model(request.getfixturevalue(fixture), device="cpu")
+    model.set_attn_implementation(attention)
+    prompt = prompt_ids()
+    expected = reference_tokens(model, prompt)
+    engine = CompiledEngine(model, max_seq_len=64)
+    assert engine.max_seq_len == 64 and engine.lag == 0
+    assert list(generate(model, prompt, max_new_tokens=N_TOKENS, eos_token_id=[], engine=engine)) == expected
+    # Sampling with a seed draws what the eager engine draws.
+    settings = {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95, "min_p": 0.01,
+                "repetition_penalty": 1.3}
+    want = reference_tokens(model, prompt, generator=torch.Generator().manual_seed(7), **settings)
+    got = list(generate(model, prompt, max_new_tokens=N_TOKENS, eos_token_id=[], engine=engine,
+                        generator=torch.Generator().manual_seed(7), **settings))
+    assert got == want and len(set(got)) > 5
+    # A conversation goes on from what the engine's cache holds.
+    first = generate(model, prompt_ids(6, seed=3), max_new_tokens=8, eos_token_id=[], engine=engine)
+    reply = list(first)
+    second = prompt_ids(5, seed=4)
+    got = list(generate(model, torch.cat([torch.tensor(reply[-1:]), second]), max_new_tokens=10,
+                        eos_token_id=[], engine=engine, input_pos=first.input_pos))
+    assert got == reference_tokens(model, torch.cat([prompt_ids(6, seed=3), torch.tensor(reply), second]), 10)
+
+
+def test_compiled_engine_refuses_what_it_cannot_run(tiny_llama32, tmp_path):
+    packed = load_model(tiny_llama32, device="cpu", pack=True)
+    with pytest.raises(MinillamaError, match="plain weights"):
+        CompiledEngine(packed, max_seq_len=32)
+    model = load_model(tiny_llama32, device="cpu")
+    with pytest.raises(MinillamaError, match="needs a CUDA device"):
+        CompiledEngine(model, max_seq_len=32, pdl=True)
+    with pytest.raises(MinillamaError, match="batches"):
+        generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=4, engine="compiled")
+    with pytest.raises(MinillamaError, match="'eager' or 'compiled'"):
+        generate(model, [1, 2, 3], max_new_tokens=4, engine="fast")
+    dynamic = make_hf_checkpoint(tmp_path / "dynamic", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(MinillamaError, match="dynamic RoPE"):
+        CompiledEngine(load_model(dynamic, device="cpu"), max_seq_len=32)
+
+
+def test_compiled_engine_for_reuses_one_engine(tiny_llama32):
+    model = load_model(tiny_llama32, device="cpu")
+    first = compiled_engine_for(model, 40)
+    assert compiled_engine_for(model, 100) is first and first.max_seq_len == 256  # the context
+    assert compiled_engine_for(model, 10, lag=2) is not first
+    assert "_minillama_compiled_engine" not in dict(model.named_modules())
+    with pytest.raises(MinillamaError, match="context"):
+        compiled_engine_for(model, 10_000)
+
+
+@pytest.mark.slow
+def test_compiled_greedy_equals_plain_forward_on_smollm2(smollm2_dir):
+    """The real model, 256 greedy tokens: the compiled step against one plain forward over everything."""
+    from minillama.tokenizer import load_tokenizer
+
+    model = load_model(smollm2_dir, device="cpu", dtype="float32")
+    messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
+    prompt = torch.tensor(load_tokenizer(smollm2_dir).apply_chat_template(messages, add_generation_prompt=True,
+                                                                          tokenize=True))
+    tokens = list(generate(model, prompt, max_new_tokens=256, eos_token_id=[], engine="compiled"))
+    with torch.inference_mode():
+        logits = model(torch.cat([prompt, torch.tensor(tokens[:-1])])[None], logits_to_keep=256)[0]  # (256, V)
+    assert tokens == logits.argmax(dim=-1).tolist()
 
 
 def test_compile_options_per_device():
-    from minillama.fast import compile_options
-
     assert compile_options(torch.device("cpu")) is None  # Inductor's defaults (C++ kernels, no graphs)
     cuda = torch.device("cuda")
     assert compile_options(cuda) == {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
@@ -149,93 +216,32 @@ def test_compile_options_per_device():
             assert hasattr(getattr(inductor_config, section) if section else inductor_config, name), key
 
 
-def test_continue_a_conversation_from_the_cache(tiny_llama32):
-    model = load_model(tiny_llama32, device="cpu")
-    first, second = prompt_ids(6, seed=3), prompt_ids(5, seed=4)
-    fast = FastDecoder(model, max_seq_len=64, compile=False)
-    reply = list(fast.generate(first, 8))
-    cached = fast.cached_tokens
-    assert cached == len(first) + len(reply) - 1  # the last reply token was never fed back
-    # Next turn: the last reply token and the new prompt go in together, after what the cache holds.
-    new = torch.cat([torch.tensor(reply[-1:]), second])
-    got = list(fast.generate(new, 10, input_pos=cached))
-    expected = reference_tokens(model, torch.cat([first, torch.tensor(reply), second]), n=10)
-    assert got == expected
-
-
-def test_too_long_prompt_is_a_clear_error(tiny_llama32):
-    model = load_model(tiny_llama32, device="cpu")
-    fast = FastDecoder(model, max_seq_len=16, compile=False)
-    with pytest.raises(MinillamaError, match="fast=False"):
-        list(fast.generate(prompt_ids(10), 10))
-    with pytest.raises(MinillamaError, match="empty"):
-        list(fast.generate(torch.tensor([], dtype=torch.long), 4))
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "math"])
-def test_compiled_step_gives_the_same_tokens(tiny_llama32, attention):
-    """torch.compile on CPU (Inductor's C++ backend): the graph replays the same greedy tokens."""
-    pytest.importorskip("torch._inductor")
-    model = load_model(tiny_llama32, device="cpu")
-    prompt = prompt_ids()
-    expected = reference_tokens(model, prompt)
-    fast = FastDecoder(model, max_seq_len=64, compile=True, attention=attention)
-    assert list(fast.generate(prompt, N_TOKENS)) == expected
-    assert list(fast.generate(prompt_ids(9, seed=5), 20)) == reference_tokens(model, prompt_ids(9, seed=5), 20)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("attention, pdl", [("sdpa", False), ("math", False), ("math", True)])
-def test_cuda_graph_step_matches_regular_path(tiny_llama32, attention, pdl):
-    """On a GPU: compiled with CUDA graphs and read `lag` tokens behind, the tokens are the regular path's."""
+@pytest.mark.parametrize("attention, pdl", [("sdpa", False), ("eager", False), ("eager", True)])
+def test_cuda_graph_step_matches_eager_engine(tiny_llama32, attention, pdl):
+    """On a GPU: compiled with CUDA graphs and read `lag` tokens behind, the tokens are the eager engine's."""
     if pdl and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs a Hopper GPU or newer")
     if pdl and not hasattr(importlib.import_module("torch._inductor.config").triton, "enable_pdl"):
         pytest.skip("Inductor's programmatic dependent launch needs torch >= 2.10")
-    model = load_model(tiny_llama32, device="cuda", dtype="float32")
-    prompt = prompt_ids()
-    fast = FastDecoder(model, max_seq_len=64, attention=attention, pdl=pdl)
-    assert fast.compiled and fast.lag > 0
-    from torch._dynamo.utils import counters
-
-    fused_before = counters["inductor"]["fuse_attention"]
-    fast.warmup()
-    assert fast.cudagraph_skips == 0  # both steps were captured as CUDA graphs
     from minillama.fast import cuda_graphs_recorded
 
-    assert cuda_graphs_recorded(model.device) != 0  # and Inductor's graph trees hold them (-1: cannot tell)
-    # "math" stays math: Inductor's pattern matcher did not turn it back into an SDPA call.
-    assert counters["inductor"]["fuse_attention"] == fused_before
-    assert list(fast.generate(prompt, N_TOKENS)) == reference_tokens(model, prompt)
+    model = load_model(tiny_llama32, device="cuda", dtype="float32")
+    model.set_attn_implementation(attention)
+    prompt = prompt_ids()
+    engine = CompiledEngine(model, max_seq_len=64, pdl=pdl)
+    assert engine.lag > 0
+    engine.warmup()
+    assert engine.cudagraph_skips == 0  # the step was captured as a CUDA graph
+    assert cuda_graphs_recorded(model.device) != 0  # and Inductor's graph trees hold it (-1: cannot tell)
+    run = dict(max_new_tokens=N_TOKENS, eos_token_id=[])
+    assert list(generate(model, prompt, engine=engine, **run)) == reference_tokens(model, prompt)
     settings = {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95}
     expected = reference_tokens(model, prompt, generator=torch.Generator("cuda").manual_seed(7), **settings)
-    got = list(fast.generate(prompt, N_TOKENS, SamplingSettings(**settings),
-                             generator=torch.Generator("cuda").manual_seed(7)))
+    got = list(generate(model, prompt, engine=engine, generator=torch.Generator("cuda").manual_seed(7),
+                        **run, **settings))
     assert got == expected
     tokens = reference_tokens(model, prompt)
-    assert list(fast.generate(prompt, N_TOKENS, eos_token_ids=[tokens[5]]))[-1] == tokens[5]
-    assert fast.stop_reason == "eos"
-
-
-def test_decoder_for_reuses_one_decoder(tiny_llama32):
-    from minillama.fast import decoder_for
-
-    model = load_model(tiny_llama32, device="cpu")
-    first = decoder_for(model, 40, compile=False)
-    assert decoder_for(model, 100, compile=False) is first and first.max_seq_len == 256  # the context
-    assert decoder_for(model, 10, compile=False, lag=2) is not first
-    assert "_minillama_fast_decoder" not in dict(model.named_modules())
-    with pytest.raises(MinillamaError, match="context"):
-        decoder_for(model, 10_000)
-
-
-@pytest.mark.parametrize("lag", [0, 3])
-def test_non_finite_logits_raise_when_read(tiny_llama32, lag, tmp_path):
-    """Overflowing activations give inf logits: the device-side flag stops generation with a message."""
-    model = load_model(tiny_llama32, device="cpu")
-    with torch.no_grad():
-        model.model.norm.weight[0] = 3e38  # finite, but x * 3e38 overflows float32
-    fast = FastDecoder(model, max_seq_len=64, compile=False, lag=lag)
-    with pytest.raises(MinillamaError, match="NaN or infinite logits"):
-        list(fast.generate(prompt_ids(), 10))
+    generation = generate(model, prompt, engine=engine, max_new_tokens=N_TOKENS, eos_token_id=[tokens[5]])
+    assert list(generation)[-1] == tokens[5] and generation.stop_reason == "eos"

@@ -10,7 +10,7 @@ from conftest import llama32_like, make_hf_checkpoint
 
 from minillama import load_model
 from minillama.errors import MinillamaError
-from minillama.generation import GenerationConfig, generate, left_pad
+from minillama.generation import EagerEngine, GenerationConfig, generate, left_pad
 
 N_NEW = 48
 PROMPTS = [[1, 5, 9, 33, 70, 4, 18, 200], [1, 77, 3], [1, 12, 250, 6, 9]]
@@ -39,11 +39,11 @@ def lively_llama2(tmp_path_factory):
                               num_key_value_heads=4, tie_word_embeddings=False)
 
 
-def load_pair(path, attn: str = "eager"):
+def load_pair(path, attn: str = "eager", pack: bool = False):
     from transformers import LlamaForCausalLM as HFLlama
 
     hf = HFLlama.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
-    ours = load_model(path, device="cpu", dtype="float32")
+    ours = load_model(path, device="cpu", dtype="float32", pack=pack)
     ours.set_attn_implementation(attn)
     return hf, ours
 
@@ -62,12 +62,13 @@ def hf_greedy(hf, input_ids, attention_mask=None, **kw) -> torch.Tensor:
     ("tiny_llama32", 1.3, "eager"), ("tiny_llama2", 1.3, "eager"),
     ("lively_llama32", 1.0, "eager"), ("lively_llama32", 1.0, "sdpa"), ("lively_llama2", 1.0, "eager"),
 ])
-@pytest.mark.parametrize("fast", [True, False])  # the fast path (the default for one prompt) and model.forward
-def test_greedy_single_matches_transformers(checkpoint, penalty, attn, fast, request):
-    hf, ours = load_pair(request.getfixturevalue(checkpoint), attn)
+@pytest.mark.parametrize("pack", [False, True])  # plain weights, and the CPU default of chat: oneDNN-packed
+def test_greedy_single_matches_transformers(checkpoint, penalty, attn, pack, request):
+    hf, ours = load_pair(request.getfixturevalue(checkpoint), attn, pack)
     prompt = torch.tensor([PROMPTS[0]])
     expected = hf_greedy(hf, prompt, repetition_penalty=penalty)[0].tolist()
-    generation = generate(ours, PROMPTS[0], max_new_tokens=N_NEW, repetition_penalty=penalty, fast=fast)
+    generation = generate(ours, PROMPTS[0], max_new_tokens=N_NEW, repetition_penalty=penalty, engine="eager",
+                          eos_token_id=[])  # as transformers above (the model's generation_config says eos=2)
     got = list(generation)
     assert all(isinstance(t, int) for t in got)
     assert got == expected
@@ -146,14 +147,30 @@ def test_stops_on_stop_string(model32):
         generate(model32, PROMPTS[0], stop_strings=["x"])
 
 
+def test_a_loaded_model_carries_its_generation_config(tiny_llama2, tmp_path):
+    """generate() uses the model's own generation_config.json by default (eos, sampling), as transformers'
+    model.generation_config; explicit settings still win."""
+    path = tmp_path / "m"
+    path.mkdir()
+    for file in tiny_llama2.iterdir():
+        (path / file.name).write_bytes(file.read_bytes())
+    free = list(generate(load_model(path, device="cpu"), PROMPTS[0], max_new_tokens=20, eos_token_id=[]))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [free[3]], "max_new_tokens": 7}))
+    model = load_model(path, device="cpu")
+    assert model.generation_config.eos_token_id == [free[3]] and model.generation_config.max_new_tokens == 7
+    generation = generate(model, PROMPTS[0])
+    assert list(generation) == free[: free.index(free[3]) + 1] and generation.stop_reason == "eos"
+    assert list(generate(model, PROMPTS[0], eos_token_id=[])) == free[:7]  # its max_new_tokens, no eos
+
+
 # ---- Continuing from a cache --------------------------------------------------------------------------
 
 def test_continuing_from_a_cache_equals_one_long_prompt(model32):
-    cache = model32.new_cache(1, 128)
-    first = generate(model32, PROMPTS[0], max_new_tokens=10, cache=cache)
+    engine = EagerEngine(model32, model32.new_cache(1, 128))
+    first = generate(model32, PROMPTS[0], max_new_tokens=10, engine=engine)
     reply = list(first)
     # Next turn: feed the last reply token (not yet in the cache) and the new prompt tokens only.
-    second = generate(model32, [reply[-1], *PROMPTS[2]], max_new_tokens=15, cache=first.cache,
+    second = generate(model32, [reply[-1], *PROMPTS[2]], max_new_tokens=15, engine=first.engine,
                       input_pos=first.input_pos)
     whole = PROMPTS[0] + reply + PROMPTS[2]
     assert list(second) == list(generate(model32, whole, max_new_tokens=15))
@@ -195,9 +212,9 @@ def test_bad_requests_raise_before_any_work(model32, kwargs, match):
 
 
 def test_a_cache_too_short_raises_before_any_work(model32):
-    cache = model32.new_cache(1, 16)
+    engine = EagerEngine(NoForward(model32), model32.new_cache(1, 16))
     with pytest.raises(MinillamaError, match="context of 16"):
-        generate(NoForward(model32), [1, 2, 3], max_new_tokens=10, cache=cache, input_pos=4)
+        generate(NoForward(model32), [1, 2, 3], max_new_tokens=10, engine=engine, input_pos=4)
 
 
 def test_nan_logits_raise(lively_llama32):

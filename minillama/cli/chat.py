@@ -49,13 +49,13 @@ def run(args: argparse.Namespace) -> int:
         raise MinillamaError(f"{loaded.path} has no chat template, so it cannot chat; "
                              "use minillama generate --raw to continue plain text")
     session = ChatSession(loaded.model, loaded.tokenizer, loaded.generation_config, system=args.system,
-                          seed=args.seed, context=args.context, fast=not args.no_fast)
+                          seed=args.seed, context=args.context, engine=loaded.engine)
     if args.load:
         session.load_transcript(read_transcript(args.load))
-    if getattr(session.cache, "compiled", False):  # CUDA graphs: compile now, not in the middle of a reply
-        eprint("minillama: compiling the decode step for this GPU (once per session; it can take a minute; "
+    if loaded.engine == "compiled":  # compile now, not in the middle of the first reply
+        eprint("minillama: compiling the decode step (once per session; it can take a minute; "
                "--no-compile skips it)...")
-        session.cache.warmup(session.config)
+        session.engine.warmup()
     interactive = sys.stdin.isatty()
     if interactive:
         try:

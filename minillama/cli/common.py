@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,11 +71,28 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", "-n", type=int, help="the most tokens in one reply")
     g.add_argument("--seed", type=int, help="seed for reproducible sampling")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    g.add_argument("--no-fast", action="store_true",
-                   help="decode with the plain model.forward loop instead of the fast path (same tokens)")
-    g.add_argument("--no-compile", action="store_true",
-                   help="on a GPU, run the fast path without torch.compile and CUDA graphs: no compile wait at "
-                        "the start, slower decoding (the same as MINILLAMA_COMPILE=0)")
+    add_engine_args(g)
+
+
+def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--engine and --no-compile: how the decode steps run (generation.py's engines)."""
+    p.add_argument("--engine", choices=["eager", "compiled"],
+                   help="eager: model.forward step by step (on CPU float32 with oneDNN-packed weights); "
+                        "compiled: the decode step under torch.compile (CUDA graphs on a GPU). "
+                        "Default: compiled on a GPU, eager elsewhere. Both give the same tokens")
+    p.add_argument("--no-compile", action="store_true",
+                   help="the same as --engine eager: no compile wait at the start on a GPU, slower decoding")
+
+
+def engine_choice(args: argparse.Namespace, device: torch.device, rope_type: str | None) -> str:
+    """The engine the flags ask for, or the default for this device and model."""
+    if getattr(args, "no_compile", False):
+        if getattr(args, "engine", None) == "compiled":
+            raise MinillamaError("--no-compile contradicts --engine compiled; give one of them")
+        return "eager"
+    if getattr(args, "engine", None):
+        return args.engine
+    return "compiled" if device.type == "cuda" and rope_type != "dynamic" else "eager"
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:
@@ -97,6 +113,7 @@ class Loaded:
     tokenizer: object
     generation_config: object
     load_seconds: float
+    engine: str  # "eager" or "compiled"
 
 
 def load_all(args: argparse.Namespace) -> Loaded:
@@ -107,18 +124,19 @@ def load_all(args: argparse.Namespace) -> Loaded:
     import time
 
     from minillama.checkpoint import load_model, resolve_device
+    from minillama.config import LlamaConfig
     from minillama.generation import GenerationConfig
     from minillama.tokenizer import load_tokenizer
 
     device = resolve_device(args.device)
-    if getattr(args, "no_compile", False):
-        os.environ["MINILLAMA_COMPILE"] = "0"  # read by minillama.fast.default_compile, for this process
     path = resolve_model_arg(args)
+    engine = engine_choice(args, device, LlamaConfig.from_file(path).rope_type)
     generation_config = GenerationConfig.from_model_dir(path).updated(**sampling_overrides(args))
     tokenizer = load_tokenizer(path)
     start = time.perf_counter()
-    model = load_model(path, device=device, dtype=args.dtype)
-    return Loaded(path, model, tokenizer, generation_config, time.perf_counter() - start)
+    # The eager engine on a CPU runs fastest on oneDNN-packed weights (the compiled one needs plain ones).
+    model = load_model(path, device=device, dtype=args.dtype, pack=engine == "eager")
+    return Loaded(path, model, tokenizer, generation_config, time.perf_counter() - start, engine)
 
 
 def eprint(*parts: object) -> None:

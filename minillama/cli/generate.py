@@ -41,13 +41,11 @@ def run(args: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt}]
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    config = loaded.generation_config
-    from minillama.fast import default_compile, fast_path_applies
-
-    if not args.no_fast and fast_path_applies(loaded.model) and default_compile(loaded.model.device):
-        eprint("minillama: compiling the decode step for this GPU (it can take a minute; --no-compile skips it)...")
+    config = loaded.generation_config if args.raw else loaded.generation_config.ending_turns(tok)
+    if loaded.engine == "compiled":
+        eprint("minillama: compiling the decode step (it can take a minute; --no-compile skips it)...")
     generation = generate(loaded.model, ids, config, generator=make_generator(loaded.model.device, args.seed),
-                          tokenizer=tok, stop_strings=args.stop, fast=False if args.no_fast else None)
+                          tokenizer=tok, stop_strings=args.stop, engine=loaded.engine)
     stream = tok.stream_decoder(skip_special_tokens=True)
     start = time.perf_counter()
     first = None
