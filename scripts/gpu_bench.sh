@@ -47,7 +47,7 @@ PY
 if [[ $CUDA == 1 ]]; then
     SIDES="minillama,transformers-static,transformers,minillama:pdl=on,minillama:attention=math,minillama:attention=math/pdl=on"
 else
-    SIDES="minillama,transformers-static,transformers,minillama:attention=math"  # (pdl needs CUDA)
+    SIDES="minillama,minillama:compile=on,transformers-static,transformers"  # eager+packed, compiled (pdl needs CUDA)
 fi
 if [[ $TINY == 1 ]]; then
     ARGS=(--tiny --prompt-len 32 --new-tokens 16 --repeats 1)

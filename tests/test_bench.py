@@ -35,14 +35,17 @@ def test_bench_json_tiny(capsys):
     assert all(r["device"].startswith("cpu") and r["dtype"] == "float32" for r in records)
 
 
-def test_bench_table_and_regular_path(capsys, tmp_path):
+def test_bench_table_and_engine_variants(capsys, tmp_path):
+    """The plain weights and the compiled engine as variant sides: each runs, and its tokens check."""
     jsonl = tmp_path / "figures.jsonl"
-    assert main(["bench", "--tiny", "--prompt-len", "4", "-n", "3", "--no-fast", "--sides", "minillama",
+    assert main(["bench", "--tiny", "--prompt-len", "4", "-n", "3", "--sides", "minillama:pack=off,minillama:compile=on",
                  "--json-file", str(jsonl)]) == 0
     out = capsys.readouterr().out
-    assert "decode tok/s" in out and "fast path off" in out  # the table, while the JSON lines went to the file
+    assert "decode tok/s" in out and "minillama:compile=on" in out  # the table; the JSON lines went to the file
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert any(r["figure"] == "decode_tok_s" and r["side"] == "minillama" for r in records)
+    for side in ("minillama:pack=off", "minillama:compile=on"):
+        assert any(r["figure"] == "decode_tok_s" and r["side"] == side for r in records)
+        assert any(r["figure"] == "tokens_checked" and r["side"] == side and r["value"] == 1.0 for r in records)
 
 
 def test_bench_rejects_bad_arguments(capsys):
@@ -128,7 +131,7 @@ def test_bench_runs_a_variant(capsys, tmp_path, monkeypatch):
 
 def test_a_failing_side_keeps_the_others(monkeypatch, capsys):
     """One side crashing (or timing out) is reported; the other sides' figures still come out, exit code 1."""
-    import minillama.bench as bench
+    import minillama.bench.run as bench
 
     real = bench.run_worker
 
@@ -148,7 +151,7 @@ def test_a_failing_side_keeps_the_others(monkeypatch, capsys):
 def test_time_budget_skips_the_last_sides(monkeypatch, capsys):
     """Sides run in the order given; each gets what is left of the budget, and once it is gone the rest are
     reported as skipped (a fake clock: every side takes 25 s)."""
-    import minillama.bench as bench
+    import minillama.bench.run as bench
 
     now = [0.0]
     timeouts = {}
@@ -180,7 +183,7 @@ def test_side_timeout_is_reported(tmp_path, monkeypatch):
 
     path = write_random_checkpoint(TINY_CONFIG, tmp_path / "m", torch.float32)
     spec = {"side": "transformers", "device": "cpu", "dtype": "float32", "model": str(path), "prompt_len": 4,
-            "new_tokens": 3, "repeats": 1, "seed": 0, "fast": True, "compile": None}
+            "new_tokens": 3, "repeats": 1, "seed": 0, "compile": None}
     with pytest.raises(MinillamaError, match="did not finish within 0.01 s"):
         run_worker(spec, timeout=0.01)
     assert "===== transformers (timed out) =====" in log.read_text()
@@ -193,7 +196,7 @@ def test_tokens_checked_catches_wrong_tokens(tiny_llama32):
 
     model = load_model(tiny_llama32, device="cpu")
     prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
-    tokens = list(generate(model, prompt, max_new_tokens=20, eos_token_id=[], fast=False))
+    tokens = list(generate(model, prompt, max_new_tokens=20, eos_token_id=[], engine="eager"))
     assert tokens_checked(model, prompt, tokens) == 1.0
     noise = torch.randint(0, model.config.vocab_size, (20,), generator=torch.Generator().manual_seed(1)).tolist()
     assert tokens_checked(model, prompt, noise) < 0.2  # what a decoder reading the wrong cache slots would give

@@ -25,12 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", "-n", type=int, default=256, help="tokens to decode (default 256)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per side; the median is reported (default 1)")
     p.add_argument("--sides", help="comma-separated: minillama, transformers, transformers-static, and variants "
-                                   "of the fast path such as minillama:attention=math/tuning=off "
+                                   "of minillama's engine such as minillama:pack=off or minillama:compile=on/attention=math "
                                    "(default: minillama,transformers; on CUDA also transformers-static)")
-    p.add_argument("--no-fast", action="store_true", help="time minillama's regular generate() instead of the "
-                                                          "fast decode path")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile minillama's decode step (auto: on CUDA only, or MINILLAMA_COMPILE)")
+                   help="minillama's engine: compiled decode step (on) or eager (off); auto: compiled on CUDA only")
     p.add_argument("--side-timeout", type=float, metavar="SECONDS",
                    help="give up on a side after this long (it is reported as failed; the others still run)")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
@@ -72,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     records = run_bench(model, config=config, device=args.device, dtype=args.dtype, prompt_len=args.prompt_len,
                         new_tokens=args.new_tokens, repeats=args.repeats,
-                        sides=args.sides.split(",") if args.sides else None, fast=not args.no_fast,
+                        sides=args.sides.split(",") if args.sides else None,
                         compile={"auto": None, "on": True, "off": False}[args.compile], seed=args.seed,
                         side_timeout=args.side_timeout, time_budget=args.time_budget, progress=progress)
     if args.json_file:

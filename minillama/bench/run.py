@@ -1,0 +1,163 @@
+"""Running a benchmark: parse the sides, run each in its own process (with time limits), collect figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minillama.bench.report import figures, summary
+from minillama.bench.workers import RESULT_MARK, WORKERS, warm_page_cache, write_random_checkpoint
+from minillama.errors import MinillamaError
+
+# Variants of the minillama side, named "minillama:attention=math/tuning=off": engine options to compare in
+# one run (each variant is its own side, in its own process; see workers.run_minillama).
+VARIANT_OPTIONS = {"compile": {"on": True, "off": False}, "pack": {"on": True, "off": False},
+                   "attention": {"sdpa": "sdpa", "math": "math"}, "tuning": {"on": True, "off": False},
+                   "pdl": {"on": True, "off": False}, "lag": {str(n): n for n in range(9)}}
+
+
+def parse_side(side: str) -> tuple[str, dict[str, Any]]:
+    """'minillama:attention=math/tuning=off' -> ('minillama', {'attention': 'math', 'tuning': False})."""
+    name, _, variant = side.partition(":")
+    if name not in WORKERS or name == "copy":
+        raise MinillamaError(f"unknown side {name!r}; choose from minillama, transformers, transformers-static")
+    options: dict[str, Any] = {}
+    if variant and name != "minillama":
+        raise MinillamaError(f"side {side!r}: only minillama has variants (minillama:attention=math)")
+    for item in filter(None, variant.split("/")):
+        key, _, value = item.partition("=")
+        if key not in VARIANT_OPTIONS or value not in VARIANT_OPTIONS[key]:
+            choices = "; ".join(f"{k}={'|'.join(v) if k != 'lag' else '0..8'}" for k, v in VARIANT_OPTIONS.items())
+            raise MinillamaError(f"side {side!r}: unknown option {item!r}; choose from {choices}")
+        options[key] = VARIANT_OPTIONS[key][value]
+    return name, options
+
+
+def _keep_output(side: str, status: str, stdout: str | bytes | None, stderr: str | bytes | None) -> None:
+    """Append a side's whole output (compiler logs included) to $MINILLAMA_BENCH_LOG, if it is set."""
+    log = os.environ.get("MINILLAMA_BENCH_LOG")
+    if not log:
+        return
+    text = "".join(out.decode(errors="replace") if isinstance(out, bytes) else (out or "") for out in (stdout, stderr))
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"===== {side} ({status}) =====\n{text}\n")
+
+
+def run_worker(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run one side in a fresh Python process and return its figures."""
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])  # so the child imports this same minillama
+    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "minillama.bench", "--worker", json.dumps(spec)],
+                              capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as e:
+        _keep_output(spec["side"], "timed out", e.stdout, e.stderr)
+        raise MinillamaError(f"the {spec['side']} side did not finish within {timeout:g} s "
+                             "(--side-timeout / --time-budget)") from None
+    _keep_output(spec["side"], f"exit code {proc.returncode}", proc.stdout, proc.stderr)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise MinillamaError(f"the {spec['side']} side failed (exit code {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1][len(RESULT_MARK):])
+
+
+# ---- The parent: run every side, then report ---------------------------------------------------------
+
+def default_sides(device: torch.device) -> list[str]:
+    """minillama and transformers eager everywhere; on a GPU also transformers' compiled static-cache path."""
+    if device.type == "cuda":
+        return ["minillama", "transformers-static", "transformers"]
+    return ["minillama", "transformers"]
+
+
+def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None, device: str | None = None,
+              dtype: str | None = None, prompt_len: int = 512, new_tokens: int = 256, repeats: int = 1,
+              sides: list[str] | None = None, compile: bool | None = None, seed: int = 0,
+              side_timeout: float | None = None, time_budget: float | None = None,
+              progress=None) -> list[dict[str, Any]]:
+    """Benchmark every side; returns one record per figure ({"figure", "side", "value", "unit", ...}).
+
+    model:  a checkpoint directory, or None with `config` (a config.json dict) to benchmark random weights.
+    A side that fails (or runs past side_timeout seconds) gets an "error" record and the others still run.
+    time_budget: seconds for the whole run; a side is cut off when it runs out and later sides are skipped
+    (so list the sides in order of importance).
+    """
+    from minillama.checkpoint import resolve_device
+
+    dev = resolve_device(device)
+    sides = sides or default_sides(dev)
+    variants = {side: parse_side(side)[1] for side in sides}  # checks every side before any work
+    if len(set(sides)) != len(sides):
+        raise MinillamaError("a side is named twice in --sides")
+    if prompt_len < 1 or new_tokens < 1 or repeats < 1:
+        raise MinillamaError("--prompt-len, --new-tokens and --repeats must be at least 1")
+    progress = progress or (lambda message: None)
+    with tempfile.TemporaryDirectory(prefix="minillama-bench-") as tmp:
+        model_dir, model_config, torch_dtype, name = _checkpoint(model, config, dtype, dev, seed, Path(tmp),
+                                                                 progress)
+        if prompt_len + new_tokens > model_config.max_position_embeddings:
+            raise MinillamaError(f"prompt {prompt_len} + {new_tokens} new tokens exceed the model's context of "
+                                 f"{model_config.max_position_embeddings}")
+        base = {"device": str(dev), "dtype": str(torch_dtype).removeprefix("torch."), "model": str(model_dir),
+                "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "seed": seed,
+                "compile": compile}
+        warm_page_cache(model_dir)  # the first side must not pay for the disk reads that the next one skips
+        progress("measuring the copy bandwidth")
+        copy = run_worker({**base, "side": "copy"})
+        results = _run_sides(base, variants, side_timeout, time_budget, progress)
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    context = {"device": device_name,
+               "dtype": base["dtype"], "model": name, "prompt_len": prompt_len, "new_tokens": new_tokens}
+    return figures(results, copy["copy_gb_s"], context)
+
+
+def _checkpoint(model, config, dtype, dev, seed, tmp: Path, progress):
+    """The checkpoint to benchmark: the given directory, or random weights of `config` written into tmp."""
+    from minillama.checkpoint import resolve_dtype
+    from minillama.config import LlamaConfig
+
+    if model is not None:
+        model_config = LlamaConfig.from_file(Path(model))
+        return Path(model), model_config, resolve_dtype(dtype, model_config, dev), str(model)
+    if config is None:
+        raise MinillamaError("give a model directory or a config file (--config / --tiny)")
+    model_config = LlamaConfig.from_dict(config, source="the --config file")
+    torch_dtype = resolve_dtype(dtype, model_config, dev)
+    progress(f"writing a random {model_config.num_hidden_layers}-layer checkpoint to {tmp}")
+    model_dir = write_random_checkpoint(config, tmp / "model", torch_dtype, seed)
+    return model_dir, model_config, torch_dtype, f"random:{config.get('_name_or_path', 'config')}"
+
+
+def _run_sides(base: dict[str, Any], variants: dict[str, dict[str, Any]], side_timeout: float | None,
+               time_budget: float | None, progress) -> dict[str, dict[str, Any]]:
+    """Each side's figures (or {"error": ...}), in order, within the time budget."""
+    results = {}
+    started = time.perf_counter()
+    for side, options in variants.items():
+        timeout = side_timeout
+        if time_budget is not None:
+            left = time_budget - (time.perf_counter() - started)
+            if left < 20:
+                results[side] = {"error": f"skipped: the --time-budget of {time_budget:g} s ran out"}
+                progress(f"{side}: skipped (time budget)")
+                continue
+            timeout = left if timeout is None else min(timeout, left)
+        progress(f"running {side}")
+        try:
+            results[side] = run_worker({**base, "side": side, "options": options}, timeout)
+        except MinillamaError as e:  # one side's failure must not lose the others' figures
+            results[side] = {"error": str(e)}
+            progress(f"{side}: FAILED: {e}")
+            continue
+        progress(f"{side}: " + summary(results[side]))
+    return results
