@@ -175,9 +175,33 @@ def capture(model: LlamaForCausalLM, names: list[str] | None = None, offload: st
             else:
                 acts[target.key] = value
 
+    handles, observed = _install_hooks(model, chosen, record)
+    attention = [layer.self_attn for layer in model.model.layers]
+    saved_impl = [a.attn_implementation for a in attention]
+    if any(key.endswith(EAGER_ONLY) for key in chosen):
+        model.set_attn_implementation("eager")  # every layer: the mask is built for all or none
+    try:
+        yield acts
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, outer in observed.items():
+            if outer is None:
+                del module.observer  # back to the class default, None
+            else:
+                module.observer = outer
+        for a, impl in zip(attention, saved_impl):
+            a.attn_implementation = impl
+
+
+def _install_hooks(model: LlamaForCausalLM, chosen: dict[str, list[_Target]],
+                   record: Callable[[str, torch.Tensor], None]):
+    """Hook only what was asked for (a name that nobody captures costs nothing): forward hooks for module
+    outputs and inputs, observers for values inside a forward. Returns the hook handles and, per observed
+    module, the observer it had before (None, or an outer capture's)."""
     modules = dict(model.named_modules())
     handles: list[torch.utils.hooks.RemovableHandle] = []
-    observed: dict[Observable, object] = {}  # module -> the observer it had before (None or an outer capture's)
+    observed: dict[Observable, object] = {}
 
     def hook_output(path: str, key: str) -> None:
         handles.append(modules[path].register_forward_hook(lambda m, args, out: record(key, out)))
@@ -201,7 +225,6 @@ def capture(model: LlamaForCausalLM, names: list[str] | None = None, offload: st
 
         module.observer = observer
 
-    # Hook only what was asked for: a name that nobody captures costs nothing.
     for key in chosen:
         if key in ("model.embed_tokens", "model.norm", "lm_head"):
             hook_output(key, key)
@@ -219,20 +242,4 @@ def capture(model: LlamaForCausalLM, names: list[str] | None = None, offload: st
             hook_input(f"{layer}.{suffix.removesuffix('_input')}", key)
         else:
             hook_output(key, key)
-
-    attention = [layer.self_attn for layer in model.model.layers]
-    saved_impl = [a.attn_implementation for a in attention]
-    if any(key.endswith(EAGER_ONLY) for key in chosen):
-        model.set_attn_implementation("eager")  # every layer: the mask is built for all or none
-    try:
-        yield acts
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, outer in observed.items():
-            if outer is None:
-                del module.observer  # back to the class default, None
-            else:
-                module.observer = outer
-        for a, impl in zip(attention, saved_impl):
-            a.attn_implementation = impl
+    return handles, observed
