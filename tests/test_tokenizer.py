@@ -266,3 +266,18 @@ def test_corrupt_files_name_the_file(tmp_path, llama32_tokenizer_dir):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for %}"}))
     with pytest.raises(MinillamaError, match="chat template from tokenizer_config.json has a syntax error"):
         load_tokenizer(tmp_path)
+
+
+def test_why_not_tokenizers_decode_stream(tok):
+    """`tokenizers.decoders.DecodeStream` streams the same text but has no flush: a reply that stops in the middle
+    of a character (a length limit inside an emoji) loses its tail, the space before it included. Ours flushes
+    the held-back bytes, so the pieces always add up to `decode(ids)`; that is why minillama keeps its own."""
+    from tokenizers.decoders import DecodeStream
+
+    ids = tok.encode("ok 🤖", add_special_tokens=False)[:-1]  # cut inside the emoji's bytes
+    theirs = DecodeStream(skip_special_tokens=True)
+    their_text = "".join(piece for i in ids if (piece := theirs.step(tok.backend, i)) is not None)
+    pieces, _ = stream(tok, ids)  # its last piece is the flush
+    ours = "".join(pieces)
+    assert ours == tok.decode(ids) == "ok \ufffd"
+    assert their_text != ours
