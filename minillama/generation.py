@@ -204,7 +204,7 @@ class TokenPipe:
         slot = self.pushed % len(self.copied)
         with torch.inference_mode():
             self.host[slot, :-1].copy_(ids, non_blocking=self.cuda)
-            self.host[slot, -1].copy_(healthy, non_blocking=self.cuda)
+            self.host[slot, -1].copy_(healthy.long(), non_blocking=self.cuda)  # (same dtype: a plain D2H copy)
         if self.cuda:
             self.copied[slot].record()
         self.pushed += 1

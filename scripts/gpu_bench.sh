@@ -49,6 +49,7 @@ if [[ $CUDA == 1 ]]; then
 else
     SIDES="minillama,minillama:compile=on,transformers-static,transformers"  # eager+packed, compiled (pdl needs CUDA)
 fi
+SIDES="${GPU_BENCH_SIDES:-$SIDES}"  # a test runs just the compiled side on CPU
 if [[ $TINY == 1 ]]; then
     ARGS=(--tiny --prompt-len 32 --new-tokens 16 --repeats 1)
 else

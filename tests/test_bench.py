@@ -217,3 +217,21 @@ def test_random_checkpoint_keeps_tied_weights_tied(tmp_path):
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in list(f.keys())  # tied: stored once, as the embedding
         assert float(f.get_tensor("model.norm.weight").mean()) == 1.0
+
+
+def test_gpu_bench_script_runs_the_compiled_engine_on_cpu(tmp_path):
+    """scripts/gpu_bench.sh, the one prepared GPU run, works as it is: here on a tiny model, the compiled side,
+    its JSON in $OUT and its table at the end (on a GPU the same script runs every side)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "GPU_BENCH_SIDES": "minillama:compile=on"}
+    r = subprocess.run(["bash", str(root / "scripts" / "gpu_bench.sh"), "--tiny", "--no-test"], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "gpu_bench.jsonl").read_text().splitlines()]
+    checked = [(rec["side"], rec["value"]) for rec in records if rec["figure"] == "tokens_checked"]
+    assert checked == [("minillama:compile=on", 1.0)]
+    assert "minillama:compile=on: 100% of its first 16 tokens" in r.stderr  # the closing table

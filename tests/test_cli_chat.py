@@ -131,14 +131,14 @@ def test_generate_prints_only_the_completion(chat_model):
     assert r.returncode == 0, r.stderr
     model, tok = minillama.load_model(chat_model, device="cpu"), load_tokenizer(chat_model)
     ids = tok.apply_chat_template([{"role": "user", "content": "Name a color"}], tokenize=True)
-    expected = tok.decode(list(minillama.generation.generate(model, ids, max_new_tokens=9)),
+    expected = tok.decode(list(minillama.generation.generate(model, ids, max_new_tokens=9, do_sample=False)),
                           skip_special_tokens=True)
     assert r.stdout == expected + "\n"
     assert "[prompt:" in r.stderr  # stats on stderr only
     raw = run_cli("generate", str(chat_model), "--prompt", "Once upon", "--raw", "--greedy", "-n", "5")
     ids = tok.encode("Once upon")
-    assert raw.stdout == tok.decode(list(minillama.generation.generate(model, ids, max_new_tokens=5)),
-                                    skip_special_tokens=True) + "\n"
+    completion = minillama.generation.generate(model, ids, max_new_tokens=5, do_sample=False)
+    assert raw.stdout == tok.decode(list(completion), skip_special_tokens=True) + "\n"
 
 
 def test_compile_notice_and_engines(chat_model):

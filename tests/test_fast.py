@@ -195,7 +195,8 @@ def test_compiled_greedy_equals_plain_forward_on_smollm2(smollm2_dir):
     messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
     prompt = torch.tensor(load_tokenizer(smollm2_dir).apply_chat_template(messages, add_generation_prompt=True,
                                                                           tokenize=True))
-    tokens = list(generate(model, prompt, max_new_tokens=256, eos_token_id=[], engine="compiled"))
+    engine = CompiledEngine(model, max_seq_len=len(prompt) + 256)  # every step attends over all its slots
+    tokens = list(generate(model, prompt, max_new_tokens=256, eos_token_id=[], engine=engine))
     with torch.inference_mode():
         logits = model(torch.cat([prompt, torch.tensor(tokens[:-1])])[None], logits_to_keep=256)[0]  # (256, V)
     assert tokens == logits.argmax(dim=-1).tolist()
