@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import struct
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from minillama.config import LlamaConfig
 from minillama.errors import MinillamaError
+from minillama.files import parse_json, read_json
 from minillama.generation import GenerationConfig
 from minillama.model import LlamaForCausalLM, LlamaRotaryEmbedding
 from minillama.packing import can_pack, pack_linears, pack_weight
@@ -67,9 +67,9 @@ def weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = read_json(index)["weight_map"]
             shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError):
             raise MinillamaError(f"{index}: not a valid shard index (needs a 'weight_map' object); "
                                  "re-download the model") from None
         for name in shards:
@@ -105,8 +105,8 @@ def check_safetensors_header(path: Path) -> dict:
         if n > size - 8 or n > 100_000_000:
             raise bad(f"header length {n} exceeds the file")
         try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = parse_json(f.read(n), f"{path} header")
+        except MinillamaError:
             raise bad("header is not valid JSON") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")

@@ -92,8 +92,10 @@ class LlamaConfig:
             return value
 
         def number(name: str, value: Any, positive: bool = True) -> float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise fail(name, f"must be a finite number, got {value!r}")
+            # An int past float's range (10**400 in the file) is not finite either; isfinite would overflow.
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+                    value if isinstance(value, float) or abs(value) < 2**1023 else math.inf):
+                raise fail(name, f"must be a finite number, got {str(value)[:40]}")
             if positive and value <= 0:
                 raise fail(name, f"must be positive, got {value}")
             return float(value)

@@ -41,6 +41,8 @@ class SamplingSettings:
 
 def make_generator(device: torch.device | str, seed: int | None = None) -> torch.Generator:
     """The one source of randomness for sampling: seeded to reproduce a run, or fresh entropy."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise MinillamaError(f"the seed must be a whole number from 0 to 2**64 - 1, got {seed!r}")
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
@@ -57,8 +59,10 @@ def check_sampling_args(*, temperature: float | None = None, top_k: int | None =
     """Raise `MinillamaError` (one line) for a value no sampler can use; None means "not given"."""
 
     def number(name: str, value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise MinillamaError(f"{name} must be a finite number, got {value!r}")
+        # An int past float's range (10**400 in a JSON file) is not finite either; isfinite would overflow.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+                value if isinstance(value, float) or abs(value) < 2**1023 else math.inf):
+            raise MinillamaError(f"{name} must be a finite number, got {str(value)[:40]}")
         return float(value)
 
     def integer(name: str, value: object) -> int:
