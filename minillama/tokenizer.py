@@ -12,7 +12,11 @@ back until the bytes form whole characters.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +29,52 @@ from minillama.chat_template import (
     load_chat_template,
 )
 from minillama.errors import MinillamaError, read_json_object
+from minillama.files import TOKENIZER_LIMIT, one_line, parse_json, read_text
 
 # A Llama 3 vocabulary has these header tokens; with no template shipped, the built-in format fits it.
 LLAMA3_HEADER_TOKEN = "<|start_header_id|>"
+
+# Encoded once at load: letters, digits, punctuation, spaces, accents, CJK, emoji. A tokenizer that
+# cannot encode this (a model with no usable unknown token, a broken normalizer) fails at load, not mid-chat.
+PROBE_TEXT = "Hello, World! 1234 \t\n  naïve café ß Ωμέγα 你好 😀 <tag> 'quoted' x=y+z; ~`^"
+
+
+def _is_rust_panic(e: BaseException) -> bool:
+    """tokenizers' Rust core turns a panic into pyo3_runtime.PanicException, a BaseException (so that
+    `except Exception` does not swallow it); a panic in a tokenizer is a broken tokenizer file."""
+    return type(e).__name__ == "PanicException" and type(e).__module__ == "pyo3_runtime"
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for a moment: a Rust panic prints its message (and, under
+    RUST_BACKTRACE, a backtrace) straight to fd 2 before Python sees it, and we report it in one line.
+    Used only around loading and probing a tokenizer (milliseconds), never around generation."""
+    try:
+        sys.stderr.flush()
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError, AttributeError):  # no real fd 2 (embedded, some test runners)
+        yield
+        return
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def rust_call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call into the tokenizers library; its errors and panics become one MinillamaError line."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        raise MinillamaError(f"{what}: {one_line(e)[:300]}") from None
+    except BaseException as e:
+        if _is_rust_panic(e):
+            raise MinillamaError(f"{what}: the tokenizer library failed ({one_line(e)[:300]})") from None
+        raise
 
 
 class StreamDecoder:
@@ -106,9 +153,9 @@ class Tokenizer:
 
         # Special ids: added tokens flagged special in either file, plus the named ones.
         self.special_ids: set[int] = {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
-        for idx, entry in (self.config.get("added_tokens_decoder") or {}).items():
-            if isinstance(entry, Mapping) and entry.get("special") and str(idx).isdigit():
-                self.special_ids.add(int(idx))
+        for idx, entry in added_tokens_decoder(self.config).items():
+            if entry.get("special"):
+                self.special_ids.add(idx)
         self.special_ids |= {i for i in (self.bos_token_id, self.eos_token_id, self.pad_token_id,
                                          self.unk_token_id) if i is not None}
 
@@ -138,7 +185,8 @@ class Tokenizer:
         adds (bos for Llama); special-token text inside `text` (e.g. "<|eot_id|>") becomes that token."""
         if not isinstance(text, str):
             raise MinillamaError(f"can only encode text, got a {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return rust_call(f"the tokenizer in {self.path} cannot encode this text", self.backend.encode, text,
+                         add_special_tokens=add_special_tokens).ids
 
     def _check_ids(self, ids: Iterable[int]) -> list[int]:
         ids = [int(i) for i in ids]
@@ -152,7 +200,8 @@ class Tokenizer:
         ids = self._check_ids(ids)
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
-        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return rust_call(f"the tokenizer in {self.path} cannot decode these ids", self.backend.decode, ids,
+                         skip_special_tokens=skip_special_tokens)
 
     def id_to_piece(self, id: int) -> str:
         """The raw vocabulary entry of one id, e.g. 'Ġhello' (byte-level BPE writes a space as Ġ)."""
@@ -201,6 +250,94 @@ def _token_content(value: Any, name: str) -> str | None:
     raise MinillamaError(f"tokenizer_config.json: {name} is a {type(value).__name__}, not a token string")
 
 
+def added_tokens_decoder(config: Mapping[str, Any]) -> dict[int, Mapping[str, Any]]:
+    """tokenizer_config.json's `added_tokens_decoder` ({"128000": {"content": ..., "special": true}}) by
+    integer id; entries whose key is not an id or whose value is not an object are a broken file."""
+    value = config.get("added_tokens_decoder") or {}
+    if not isinstance(value, Mapping):
+        raise MinillamaError(f"tokenizer_config.json: added_tokens_decoder is a {type(value).__name__}; "
+                             "it must map token ids to token entries")
+    out = {}
+    for key, entry in value.items():
+        if not (isinstance(key, str) and re.fullmatch(r"[0-9]{1,12}", key)) or not isinstance(entry, Mapping):
+            raise MinillamaError(f"tokenizer_config.json: added_tokens_decoder entry {str(key)[:40]!r} is not "
+                                 "a token id mapped to a token entry; fix or re-download the file")
+        out[int(key)] = entry
+    return out
+
+
+# A group that repeats and holds a repetition itself, e.g. `(a+)+`, `(?:\s*x)*`, `(a{2,})+`: the classic
+# exponential-backtracking shape (star height 2). Real tokenizer regexes (GPT-2, Llama 3, Qwen) have none.
+_QUANTIFIER = re.compile(r"[+*]|\{\d*,\d*\}|\{\d{3,}\}")
+
+
+def nested_quantifier(pattern: str) -> bool:
+    """Whether a regex repeats a group that itself repeats something (escapes and classes understood)."""
+    stack: list[bool] = []  # per open group: does it hold a quantifier?
+    closed_with_quantifier = False  # the group just closed held one
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            closed_with_quantifier = False
+            continue
+        if c == "[":  # skip a character class: its + and * are literal
+            j = i + 1 + (pattern[i + 1:i + 2] == "^")
+            j += pattern[j:j + 1] == "]"
+            while j < len(pattern) and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            i, closed_with_quantifier = j + 1, False
+            continue
+        m = _QUANTIFIER.match(pattern, i)
+        if m:
+            if closed_with_quantifier:
+                return True
+            if stack:
+                stack[-1] = True
+            i = m.end()
+            continue
+        if c == "(":
+            stack.append(False)
+        elif c == ")" and stack:
+            inner = stack.pop()
+            if stack and inner:
+                stack[-1] = True
+            closed_with_quantifier = inner
+            i += 1
+            continue
+        closed_with_quantifier = False
+        i += 1
+    return False
+
+
+def _check_regexes(text: str, source: Path) -> None:
+    """Refuse split/replace regexes with nested quantifiers. Oniguruma also stops any one search after
+    its retry limit (a panic, caught as an error), so time per search is bounded either way; this check
+    keeps the known-catastrophic shapes from being loaded at all."""
+    for m in re.finditer(r'"Regex"\s*:\s*("(?:[^"\\]|\\.)*")', text):
+        pattern = parse_json(m.group(1), str(source))
+        if isinstance(pattern, str) and nested_quantifier(pattern):
+            raise MinillamaError(f"{source}: regex {pattern[:60]!r} repeats a repeated group, which can take "
+                                 "exponential time on some text; refusing this tokenizer")
+
+
+def _load_backend(tokenizer_file: Path) -> _BackendTokenizer:
+    """The Rust tokenizer, from a size-limited regular file, checked by encoding and decoding a probe."""
+    text = read_text(tokenizer_file, TOKENIZER_LIMIT, "tokenizer file")
+    _check_regexes(text, tokenizer_file)
+    invalid = f"{tokenizer_file} is not a valid tokenizer file"
+    with _quiet_stderr():
+        backend = rust_call(invalid, _BackendTokenizer.from_str, text)
+        # Padding and truncation are for batched training inputs: generation pads its own batches and must
+        # never cut a prompt. A file asking for fixed padding to 10**8 would otherwise allocate gigabytes.
+        backend.no_padding()
+        backend.no_truncation()
+        ids = rust_call(f"{tokenizer_file} cannot encode text", backend.encode, PROBE_TEXT).ids
+        rust_call(f"{tokenizer_file} cannot decode its own ids", backend.decode, ids)
+    return backend
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load the tokenizer of a model directory (or of a `tokenizer.json` file and its siblings)."""
     path = Path(path)
@@ -210,10 +347,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         hint = " (only a SentencePiece tokenizer.model: minillama needs the tokenizer.json format)" \
             if (directory / "tokenizer.model").is_file() else ""
         raise MinillamaError(f"no tokenizer.json in {directory}{hint}")
-    try:
-        backend = _BackendTokenizer.from_file(str(tokenizer_file))
-    except Exception as e:  # the Rust loader raises plain Exception on malformed files
-        raise MinillamaError(f"{tokenizer_file} is not a valid tokenizer file: {' '.join(str(e).split())}") from None
+    backend = _load_backend(tokenizer_file)
 
     config: dict[str, Any] = {}
     special_map = directory / "special_tokens_map.json"
