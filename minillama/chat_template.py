@@ -10,35 +10,33 @@ Two ways to get there:
 - `Llama3ChatFormat` writes the Llama 3.1/3.2 Instruct format in plain Python (like Meta's
   `ChatFormat`), for Llama 3 tokenizers that ship without a template.
 
-Templates come from model repositories, i.e. from strangers, so they are treated as hostile code:
-attribute access that could escape the sandbox (`__class__`, `__globals__`, ...), runaway loops,
-deep recursion and memory bombs are stopped with a one-line `MinillamaError` naming the template.
+Templates come from model repositories, i.e. from strangers, so they are treated as hostile code: they
+compile and render in `minillama.sandbox` (no escape to internals, budgets for time, memory and sizes),
+and anything that goes wrong is a one-line `MinillamaError` naming the template.
 """
 
 from __future__ import annotations
 
-import contextvars
 import json
-import math
-import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-from jinja2 import nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from minillama.errors import MinillamaError
-
-# Render budgets. A real template renders a long chat in milliseconds with a few thousand loop
-# iterations; these limits are far above that and far below "the CLI hangs or runs out of memory".
-MAX_LOOP_ITERATIONS = 1_000_000  # all {% for %} iterations of one render, nested loops included
-MAX_OUTPUT_CHARS = 10_000_000  # the rendered text, and any string or list the template builds
-MAX_INT_BITS = 100_000  # `**` results (10 ** 10 ** 9 would take minutes of CPU)
-RENDER_TIME_LIMIT_S = 10.0  # wall clock for one render
+from minillama.files import TEMPLATE_FILE_LIMIT, read_text
+from minillama.sandbox import (  # noqa: F401  (the budgets are re-exported: they are part of this API)
+    BUDGET,
+    MAX_INT_BITS,
+    MAX_LOOP_ITERATIONS,
+    MAX_OUTPUT_CHARS,
+    RENDER_TIME_LIMIT_S,
+    TemplateLimitError,
+    _Budget,
+    make_environment,
+)
 
 BUILTIN_LLAMA3 = "built-in Llama 3 format"
 
@@ -46,155 +44,11 @@ BUILTIN_LLAMA3 = "built-in Llama 3 format"
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-class _TemplateLimitError(Exception):
-    """A render budget ran out (raised inside the template, turned into a MinillamaError outside)."""
-
-
-class _Budget:
-    """Per-render counters, checked by the loop guard, every call and every output chunk."""
-
-    def __init__(self, time_limit_s: float, max_iterations: int):
-        self.deadline = time.monotonic() + time_limit_s
-        self.time_limit_s = time_limit_s
-        self.iterations_left = max_iterations
-        self.max_iterations = max_iterations
-
-    def check_time(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise _TemplateLimitError(f"did not finish within {self.time_limit_s:g} s")
-
-    def tick(self) -> None:
-        self.iterations_left -= 1
-        if self.iterations_left < 0:
-            raise _TemplateLimitError(f"ran more than {self.max_iterations:,} loop iterations")
-        if self.iterations_left % 64 == 0:  # a clock read per iteration would cost more than the loop body
-            self.check_time()
-
-
-# The budget of the render in progress; a context variable so that threads rendering at once don't share one.
-_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("minillama_template_budget", default=None)
-_LOOP_GUARD = "minillama_loop_guard"  # the global every {% for %} iterable is wrapped in
-
-
-def _loop_guard(iterable: Iterable[Any]) -> Iterator[Any]:
-    # Jinja has no `while`, so nested `for` loops are the only way to spin without output or calls.
-    budget = _BUDGET.get()
-    for item in iterable:
-        if budget is not None:
-            budget.tick()
-        yield item
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
 def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    # Jinja's own `tojson` escapes <, >, & and ' for HTML; chat templates need the plain JSON that
-    # transformers' filter gives (non-ASCII kept as is unless asked).
+    # The plain JSON of transformers' `tojson` filter (Jinja's own escapes <, >, & and ' for HTML), for the
+    # built-in format; templates get the metered `minillama.sandbox.tojson`.
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(format: str) -> str:
-    return datetime.now().strftime(format)
-
-
-class _TemplateDict:
-    """`dict(...)` for templates, without handing them the `dict` type itself (type-hackery)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """`namespace(...)` that refuses underscore names, which could shadow CPython internals."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # Jinja's signature trick, so `namespace(self=1)` works
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check_name(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; here it renders as is."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.Scope(body, lineno=lineno)
-
-
-def _size(x: Any) -> int:
-    return len(x) if isinstance(x, (str, list, tuple)) else 0
-
-
-class _HardenedEnvironment(ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox, plus: unsafe attributes fail at once, and loops, calls and
-    `*` / `**` are metered so a hostile template can't hang or exhaust the process."""
-
-    # Intercepting also stops Jinja from folding `'a' * 10**10` at compile time.
-    intercepted_binops = frozenset({"*", "**"})
-
-    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
-        if _LOOP_GUARD in source:  # a template that rebinds the guard could loop unmetered
-            raise jinja2.TemplateSyntaxError(f"the name {_LOOP_GUARD!r} is reserved", 1, name, filename)
-        tree = super()._parse(source, name, filename)
-        for loop in tree.find_all(nodes.For):
-            loop.iter = nodes.Call(nodes.Name(_LOOP_GUARD, "load"), [loop.iter], [], None, None, lineno=loop.lineno)
-        return tree
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
-        # The stock sandbox returns an Undefined that prints as "" and only fails when used further;
-        # a template that reaches for internals is hostile or broken, so say so right away.
-        raise jinja2.exceptions.SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
-
-    def call(__self, __context: jinja2.runtime.Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-        budget = _BUDGET.get()
-        if budget is not None:  # recursion through macros spins without any loop: meter calls too
-            budget.check_time()
-        return super().call(__context, __obj, *args, **kwargs)
-
-    def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
-            for seq, n in ((left, right), (right, left)):
-                if _size(seq) and isinstance(n, int) and _size(seq) * n > MAX_OUTPUT_CHARS:
-                    raise _TemplateLimitError(f"tried to build a sequence of {_size(seq) * n:,} items")
-        elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
-            if right * math.log2(abs(left)) > MAX_INT_BITS:
-                raise _TemplateLimitError(f"tried to compute {left} ** {right}")
-        return super().call_binop(context, operator, left, right)
-
-
-def _make_environment() -> _HardenedEnvironment:
-    env = _HardenedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                               extensions=[jinja2.ext.loopcontrols, _GenerationTag])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = _TemplateDict()
-    env.globals["namespace"] = _TemplateNamespace
-    env.globals[_LOOP_GUARD] = _loop_guard
-    # `lipsum(10**9)` would be a memory bomb and no chat template uses it.
-    env.globals.pop("lipsum", None)
-    return env
 
 
 def _plain(value: Any) -> Any:
@@ -251,7 +105,7 @@ class ChatTemplate:
             raise MinillamaError(f"chat template list in {source} is empty")
         self.sources: dict[str, str] = {}  # name -> Jinja source, for display
         self._compiled: dict[str, jinja2.Template] = {}
-        env = _make_environment()
+        env = make_environment()
         for name, text in named.items():
             if not isinstance(text, str):
                 raise MinillamaError(f"chat template {name!r} in {source} is a {type(text).__name__}, not a string")
@@ -261,8 +115,11 @@ class ChatTemplate:
             except jinja2.TemplateSyntaxError as e:
                 raise MinillamaError(f"chat template from {label} has a syntax error on line {e.lineno}: "
                                      f"{_one_line(e.message)}") from None
-            except _TemplateLimitError as e:  # compile-time constant folding can hit a limit too
-                raise MinillamaError(f"chat template from {label} was stopped: it {e}") from None
+            except TemplateLimitError as e:  # size, nesting, or compile-time constant folding
+                raise MinillamaError(f"chat template from {label} was refused: it {e}") from None
+            except (RecursionError, SyntaxError, MemoryError) as e:  # expressions nested without brackets
+                raise MinillamaError(f"chat template from {label} is too deeply nested or too large to compile "
+                                     f"({type(e).__name__})") from None
             self.sources[name] = text
 
     @property
@@ -304,19 +161,19 @@ class ChatTemplate:
             "add_generation_prompt": bool(add_generation_prompt),
         }
         budget = _Budget(self.time_limit_s, self.max_iterations)
-        token = _BUDGET.set(budget)
+        token = BUDGET.set(budget)
         try:
             chunks, size = [], 0
             for chunk in self._compiled[name].generate(**context):
                 size += len(chunk)
                 if size > self.max_output_chars:
-                    raise _TemplateLimitError(f"produced more than {self.max_output_chars:,} characters")
+                    raise TemplateLimitError(f"produced more than {self.max_output_chars:,} characters")
                 chunks.append(chunk)
                 budget.check_time()
             return "".join(chunks)
         except MinillamaError:
             raise
-        except _TemplateLimitError as e:
+        except TemplateLimitError as e:
             raise MinillamaError(f"chat template from {label} was stopped: it {e}") from None
         except jinja2.exceptions.SecurityError as e:
             raise MinillamaError(f"chat template from {label} was refused by the sandbox: {_one_line(e)}") from None
@@ -329,7 +186,7 @@ class ChatTemplate:
         except Exception as e:  # the template is foreign code; its bugs are a problem with the model files
             raise MinillamaError(f"chat template from {label} failed: {type(e).__name__}: {_one_line(e)}") from None
         finally:
-            _BUDGET.reset(token)
+            BUDGET.reset(token)
 
 
 def load_chat_template(directory: str | Path, tokenizer_config: Mapping[str, Any] | None = None,
@@ -368,10 +225,7 @@ def load_chat_template(directory: str | Path, tokenizer_config: Mapping[str, Any
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise MinillamaError(f"cannot read chat template {path}: {_one_line(e)}") from None
+    return read_text(path, TEMPLATE_FILE_LIMIT, "chat template file")
 
 
 class Llama3ChatFormat:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import minillama.chat_template as ct
+import minillama.sandbox as sandbox
 from minillama.chat_template import BUILTIN_LLAMA3, ChatTemplate, Llama3ChatFormat
 from minillama.errors import MinillamaError
 from minillama.tokenizer import load_tokenizer
@@ -198,6 +199,7 @@ def frozen_time(monkeypatch):
 
     monkeypatch.setattr(hf_utils, "datetime", FrozenDatetime)
     monkeypatch.setattr(ct, "datetime", FrozenDatetime)
+    monkeypatch.setattr(sandbox, "datetime", FrozenDatetime)  # strftime_now lives in the sandbox module
 
 
 def test_special_tokens_match_transformers(ours, hf):
