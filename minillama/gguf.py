@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from minillama.errors import MinillamaError
+from minillama.files import locked_temp_dir, remove_stale_dirs
+from minillama.gguf_header import check_gguf_header
 
 # A shard holds at most this many bytes, so writing never needs more than one shard of tensors in memory.
 SHARD_BYTES = 2 * 1024**3
@@ -88,7 +89,7 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 class _Metadata:
-    """Typed access to the GGUF key/value metadata, with a one-line error for a missing key."""
+    """Typed access to the GGUF key/value metadata: a one-line error for a missing key or a wrong type."""
 
     def __init__(self, reader: gguf.GGUFReader, path: Path):
         self.reader, self.path = reader, path
@@ -103,6 +104,48 @@ class _Metadata:
             raise MinillamaError(f"{self.path}: GGUF metadata key {key!r} is missing; the file is incomplete")
         return value
 
+    def _typed(self, key: str, value: Any, ok: bool, expected: str) -> Any:
+        if not ok:
+            shown = f"a list of {len(value)}" if isinstance(value, list) else repr(value)[:40]
+            raise MinillamaError(f"{self.path}: GGUF metadata {key!r} should be {expected}, got {shown}")
+        return value
+
+    def integer(self, key: str, default: int | None = None, required: bool = True, minimum: int = 1) -> int | None:
+        """An integer key (>= minimum); missing: `default`, or an error when required without a default."""
+        value = self.require(key) if required and default is None else self.get(key, default)
+        if value is None:
+            return None
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        return self._typed(key, value, ok, f"an integer >= {minimum}")
+
+    def number(self, key: str, default: float | None = None) -> float:
+        value = self.require(key) if default is None else self.get(key, default)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        return self._typed(key, value, ok, "a positive number")
+
+    def string(self, key: str, default: str | None = None) -> str | None:
+        value = self.get(key, default)
+        return self._typed(key, value, value is None or isinstance(value, str), "a string")
+
+    def strings(self, key: str) -> list[str]:
+        value = self.require(key)
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return self._typed(key, value, ok, "a list of strings")
+
+    def token_id(self, key: str, n_tokens: int) -> int | None:
+        """A token id key (bos, eos, ...): None when absent, else an id inside the vocabulary."""
+        value = self.get(key)
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n_tokens)
+        return self._typed(key, value, ok, f"a token id below {n_tokens}")
+
+    def token_types(self, n_tokens: int) -> list[int]:
+        """llama.cpp's per-token types (normal, control, user-defined, ...): one int per token."""
+        value = self.get("tokenizer.ggml.token_type")
+        if value is None:
+            return [1] * n_tokens
+        ok = isinstance(value, list) and len(value) == n_tokens and all(isinstance(v, int) for v in value)
+        return self._typed("tokenizer.ggml.token_type", value, ok, f"a list of {n_tokens} integers")
+
 
 def _short_float(x: float) -> float:
     """A float32 metadata value as its shortest decimal (9.99999975e-06 -> 1e-05)."""
@@ -111,32 +154,34 @@ def _short_float(x: float) -> float:
 
 def read_config(meta: _Metadata, tensor_names: set[str], dtype: str) -> dict[str, Any]:
     """Build an HF `config.json` dict from the `llama.*` metadata."""
-    arch = meta.require("general.architecture")
+    arch = meta.string("general.architecture")
     if arch != "llama":
         raise MinillamaError(f"{meta.path}: GGUF architecture is {arch!r}; minillama converts only 'llama'")
     a = "llama."
-    hidden = int(meta.require(a + "embedding_length"))
-    n_heads = int(meta.require(a + "attention.head_count"))
-    n_kv_heads = int(meta.get(a + "attention.head_count_kv", n_heads))
-    head_dim = int(meta.get(a + "attention.key_length", hidden // n_heads))
-    rope_dim = int(meta.get(a + "rope.dimension_count", head_dim))
+    hidden = meta.integer(a + "embedding_length")
+    n_heads = meta.integer(a + "attention.head_count")
+    n_kv_heads = meta.integer(a + "attention.head_count_kv", n_heads)
+    if hidden % n_heads and meta.get(a + "attention.key_length") is None:
+        raise MinillamaError(f"{meta.path}: embedding_length {hidden} is not divisible by head_count {n_heads}")
+    head_dim = meta.integer(a + "attention.key_length", hidden // n_heads)
+    rope_dim = meta.integer(a + "rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise MinillamaError(f"{meta.path}: RoPE covers {rope_dim} of {head_dim} head dims; "
                              "partial rotary embeddings are not a Llama feature minillama supports")
-    tokens = meta.require("tokenizer.ggml.tokens")
+    tokens = meta.strings("tokenizer.ggml.tokens")
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": int(meta.get(a + "vocab_size", len(tokens))),
+        "vocab_size": meta.integer(a + "vocab_size", len(tokens) or None),
         "hidden_size": hidden,
-        "intermediate_size": int(meta.require(a + "feed_forward_length")),
-        "num_hidden_layers": int(meta.require(a + "block_count")),
+        "intermediate_size": meta.integer(a + "feed_forward_length"),
+        "num_hidden_layers": meta.integer(a + "block_count"),
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv_heads,
         "head_dim": head_dim,
-        "max_position_embeddings": int(meta.require(a + "context_length")),
-        "rms_norm_eps": _short_float(meta.require(a + "attention.layer_norm_rms_epsilon")),
-        "rope_theta": _short_float(meta.get(a + "rope.freq_base", 10000.0)),
+        "max_position_embeddings": meta.integer(a + "context_length"),
+        "rms_norm_eps": _short_float(meta.number(a + "attention.layer_norm_rms_epsilon")),
+        "rope_theta": _short_float(meta.number(a + "rope.freq_base", 10000.0)),
         "rope_scaling": None,
         "hidden_act": "silu",
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
@@ -144,13 +189,13 @@ def read_config(meta: _Metadata, tensor_names: set[str], dtype: str) -> dict[str
         # Without an `output` tensor llama.cpp reuses the embedding as the output head.
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "torch_dtype": dtype,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+        "bos_token_id": meta.token_id("tokenizer.ggml.bos_token_id", len(tokens)),
+        "eos_token_id": meta.token_id("tokenizer.ggml.eos_token_id", len(tokens)),
+        "pad_token_id": meta.token_id("tokenizer.ggml.padding_token_id", len(tokens)),
     }
-    scaling = meta.get(a + "rope.scaling.type", "none")
+    scaling = meta.string(a + "rope.scaling.type", "none")
     if scaling == "linear":
-        config["rope_scaling"] = {"rope_type": "linear", "factor": _short_float(meta.require(a + "rope.scaling.factor"))}
+        config["rope_scaling"] = {"rope_type": "linear", "factor": _short_float(meta.number(a + "rope.scaling.factor"))}
     elif scaling not in ("none", None):
         raise MinillamaError(f"{meta.path}: RoPE scaling {scaling!r} is not supported (minillama: linear, llama3)")
     return config
@@ -223,17 +268,17 @@ def build_tokenizer_json(meta: _Metadata) -> str:
     """A `tokenizers` byte-level BPE tokenizer, serialized, from the GGUF vocabulary and merges."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    kind = meta.require("tokenizer.ggml.model")
+    kind = meta.string("tokenizer.ggml.model")
     if kind != "gpt2":
         raise MinillamaError(f"{meta.path}: tokenizer model {kind!r} is not supported; minillama converts "
                              "byte-level BPE ('gpt2') vocabularies")
-    pre = meta.get("tokenizer.ggml.pre", "default")
+    pre = meta.string("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise MinillamaError(f"{meta.path}: pre-tokenizer {pre!r} is not supported; known: "
                              f"{', '.join(sorted(PRE_TOKENIZERS))}")
-    tokens: list[str] = meta.require("tokenizer.ggml.tokens")
-    merges = [tuple(m.split(" ", 1)) for m in meta.require("tokenizer.ggml.merges")]
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    tokens = meta.strings("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in meta.strings("tokenizer.ggml.merges")]
+    types = meta.token_types(len(tokens))
 
     try:
         tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
@@ -251,8 +296,8 @@ def build_tokenizer_json(meta: _Metadata) -> str:
     tok.pre_tokenizer = pre_tokenizers.Sequence(splits)
     tok.decoder = decoders.ByteLevel()
 
-    bos_id = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token", False) and bos_id is not None:
+    bos_id = meta.token_id("tokenizer.ggml.bos_token_id", len(tokens))
+    if meta.get("tokenizer.ggml.add_bos_token", False) is True and bos_id is not None:
         bos = tokens[bos_id]
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, bos_id)])
@@ -267,22 +312,22 @@ def build_tokenizer_json(meta: _Metadata) -> str:
 
 
 def tokenizer_config(meta: _Metadata, context_length: int) -> dict[str, Any]:
-    tokens: list[str] = meta.require("tokenizer.ggml.tokens")
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    tokens = meta.strings("tokenizer.ggml.tokens")
+    types = meta.token_types(len(tokens))
 
     def token(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+        i = meta.token_id(f"tokenizer.ggml.{key}_token_id", len(tokens))
+        return None if i is None else tokens[i]
 
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", False) is True,
+        "add_eos_token": meta.get("tokenizer.ggml.add_eos_token", False) is True,
         "bos_token": token("bos"),
         "eos_token": token("eos"),
         "pad_token": token("padding"),
         "unk_token": token("unknown"),
-        "chat_template": meta.get("tokenizer.chat_template"),
+        "chat_template": meta.string("tokenizer.chat_template"),
         "model_max_length": context_length,
         "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": {
@@ -295,12 +340,13 @@ def tokenizer_config(meta: _Metadata, context_length: int) -> dict[str, Any]:
 
 def generation_config(meta: _Metadata) -> dict[str, Any]:
     """bos and the end-of-generation ids: eos, plus end-of-turn / end-of-message when the GGUF names them."""
-    eos = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    n = len(meta.strings("tokenizer.ggml.tokens"))
+    eos = [meta.token_id(f"tokenizer.ggml.{k}_token_id", n) for k in ("eos", "eot", "eom")]
     eos = list(dict.fromkeys(i for i in eos if i is not None))  # unique, in order
-    config = {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+    config = {"bos_token_id": meta.token_id("tokenizer.ggml.bos_token_id", n),
               "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
-    if meta.get("tokenizer.ggml.padding_token_id") is not None:
-        config["pad_token_id"] = meta.get("tokenizer.ggml.padding_token_id")
+    if meta.token_id("tokenizer.ggml.padding_token_id", n) is not None:
+        config["pad_token_id"] = meta.token_id("tokenizer.ggml.padding_token_id", n)
     return config
 
 
@@ -356,47 +402,111 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def expected_shape(hf: str, config: dict[str, Any]) -> tuple[int, ...] | None:
+    """The shape a Llama tensor must have under `config` (HF names); None for a layer past the last."""
+    C, V, I = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
+    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf)
+    if m and int(m.group(1)) >= config["num_hidden_layers"]:
+        return None
+    module, kind = (m.group(2), m.group(3)) if m else hf.rsplit(".", 1)
+    rows, cols = {
+        "model.embed_tokens": (V, C), "lm_head": (V, C), "model.norm": (C, None),
+        "input_layernorm": (C, None), "post_attention_layernorm": (C, None),
+        "self_attn.q_proj": (q, C), "self_attn.k_proj": (kv, C), "self_attn.v_proj": (kv, C),
+        "self_attn.o_proj": (C, q), "mlp.gate_proj": (I, C), "mlp.up_proj": (I, C), "mlp.down_proj": (C, I),
+    }[module]
+    return (rows,) if kind == "bias" or cols is None else (rows, cols)
+
+
+def check_tensors(tensors: list[gguf.ReaderTensor], config: dict[str, Any], path: Path) -> None:
+    """Every tensor a known name with the shape the metadata implies, before anything is converted."""
+    for t in tensors:
+        if t.name == "rope_freqs.weight":
+            continue
+        hf = hf_name(t.name)
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims as (cols, rows)
+        want = None if hf is None else expected_shape(hf, config)
+        if hf is None or want is None:
+            raise MinillamaError(f"{path}: unexpected tensor {t.name!r}; not a plain Llama GGUF")
+        if shape != want:
+            raise MinillamaError(f"{path}: tensor {t.name!r} has shape {list(shape)} but the metadata implies "
+                                 f"{list(want)}; the file is inconsistent")
+
+
+def read_gguf(path: Path) -> tuple[gguf.GGUFReader, _Metadata, dict[str, Any], str]:
+    """Open a GGUF file and check all of it that conversion relies on: the header against the file
+    (`check_gguf_header`), the metadata's types and ranges, the config, every tensor's name and shape, and
+    the tokenizer. Returns (reader, metadata, HF config, tokenizer.json text)."""
+    from minillama.config import LlamaConfig
+
+    if not path.is_file():
+        raise MinillamaError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
+    check_gguf_header(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, KeyError, IndexError, TypeError) as e:
+        raise MinillamaError(f"{path}: not a readable GGUF file ({' '.join(str(e).split())})") from None
+    meta = _Metadata(reader, path)
+    names = {t.name for t in reader.tensors}
+    config = read_config(meta, names, _model_dtype(reader.tensors))
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None or len(embed.shape) != 2:
+        raise MinillamaError(f"{path}: tensor 'token_embd.weight' is missing or not a matrix; the file is incomplete")
+    config["vocab_size"] = int(embed.shape[1])  # GGUF shapes are (cols, rows): the embedding is (C, V)
+    LlamaConfig.from_dict(config, source=f"{path} (its llama.* metadata)")  # ranges, divisibility, limits
+    check_tensors(reader.tensors, config, path)
+    if "rope_freqs.weight" in names:  # llama3 rope scaling, stored as computed divisors
+        freqs = to_torch(next(t for t in reader.tensors if t.name == "rope_freqs.weight")).float()
+        config["rope_scaling"] = llama3_scaling_from_factors(freqs, config["rope_theta"], config["head_dim"], path)
+    return reader, meta, config, build_tokenizer_json(meta)
+
+
+def _output_parent(out: Path) -> Path:
+    """Check the output directory can be created, before the slow part; returns its (existing) parent."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MinillamaError(f"{out}: already exists; remove it or choose another output directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as e:
+        raise MinillamaError(f"{out.parent}: cannot create this directory ({' '.join(str(e).split())}); "
+                             "choose another output directory") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise MinillamaError(f"{out.parent}: not writable; choose another output directory")
+    return out.parent
+
+
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
     """Convert a llama-architecture GGUF file into a Hugging Face model directory; returns `out_dir`.
 
     Everything is written to a temporary directory beside `out_dir` and renamed into place at the end,
-    so an interrupted conversion never leaves a directory that looks like a complete model.
+    so an interrupted conversion never leaves a directory that looks like a complete model; folders that
+    killed conversions left behind are removed on the next conversion to the same place.
     """
     path, out = Path(gguf_path), Path(out_dir)
-    if not path.is_file():
-        raise MinillamaError(f"{path}: no such file")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MinillamaError(f"{out}: already exists; remove it or choose another output directory")
+    reader, meta, config, tokenizer_json = read_gguf(path)
+    parent = _output_parent(out)
+    prefix = f".{out.name}.partial-"
+    remove_stale_dirs(parent, prefix)
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise MinillamaError(f"{path}: not a readable GGUF file ({e})") from None
-    meta = _Metadata(reader, path)
-
-    names = {t.name for t in reader.tensors}
-    config = read_config(meta, names, _model_dtype(reader.tensors))
-    if "rope_freqs.weight" in names:  # llama3 rope scaling, stored as computed divisors
-        freqs = to_torch(next(t for t in reader.tensors if t.name == "rope_freqs.weight")).float()
-        config["rope_scaling"] = llama3_scaling_from_factors(freqs, config["rope_theta"], config["head_dim"], path)
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embed is None:
-        raise MinillamaError(f"{path}: tensor 'token_embd.weight' is missing; the file is incomplete")
-    config["vocab_size"] = int(embed.shape[1])  # GGUF shapes are (cols, rows): the embedding is (C, V)
-    tokenizer_json = build_tokenizer_json(meta)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        _write_tensors(reader, config, tmp, progress, path)
-        _write_json(tmp / "config.json", config)
-        _write_json(tmp / "generation_config.json", generation_config(meta))
-        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        _write_json(tmp / "tokenizer_config.json", tokenizer_config(meta, config["max_position_embeddings"]))
-        _apply_umask(tmp)
-        if out.is_dir():
-            out.rmdir()  # empty (checked above); rename needs the name free
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with locked_temp_dir(parent, prefix) as tmp:
+            try:
+                _write_tensors(reader, config, tmp, progress, path)
+                _write_json(tmp / "config.json", config)
+                _write_json(tmp / "generation_config.json", generation_config(meta))
+                (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+                _write_json(tmp / "tokenizer_config.json", tokenizer_config(meta, config["max_position_embeddings"]))
+                _apply_umask(tmp)
+                if out.is_dir() and not any(out.iterdir()):
+                    out.rmdir()  # empty (checked above); rename needs the name free
+                os.replace(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except OSError as e:  # a full disk, a read-only place, or another conversion that finished first
+        if out.is_dir() and any(out.iterdir()):
+            raise MinillamaError(f"{out}: already exists (written by another conversion meanwhile)") from None
+        raise MinillamaError(f"{out}: cannot write the converted model ({' '.join(str(e).split())})") from None
     return out
