@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minillama.memory import check_kv_cache
+
 
 class LayerKVCache(nn.Module):
     """One decoder layer's keys and values."""
@@ -47,6 +49,7 @@ class KVCache(nn.Module):
     def __init__(self, n_layers: int, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None = None):
         super().__init__()
+        check_kv_cache(n_layers, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device)  # before allocating
         self.max_seq_len = max_seq_len
         self.layers = nn.ModuleList(
             LayerKVCache(batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device) for _ in range(n_layers)
