@@ -39,10 +39,16 @@ class SamplingSettings:
         return not self.do_sample or self.temperature == 0
 
 
+def check_seed(seed: object) -> None:
+    """torch seeds are unsigned 64-bit integers."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise MinillamaError(f"the seed must be a whole number from 0 to 2**64 - 1, got {str(seed)[:30]}")
+
+
 def make_generator(device: torch.device | str, seed: int | None = None) -> torch.Generator:
     """The one source of randomness for sampling: seeded to reproduce a run, or fresh entropy."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
-        raise MinillamaError(f"the seed must be a whole number from 0 to 2**64 - 1, got {seed!r}")
+    if seed is not None:
+        check_seed(seed)
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()

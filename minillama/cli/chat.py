@@ -9,11 +9,17 @@ for scripting; stats and notices go to stderr.
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from pathlib import Path
 
 from minillama.cli.common import add_model_args, add_sampling_args, eprint, load_all
-from minillama.errors import MinillamaError, read_json_object
+from minillama.errors import MinillamaError
+from minillama.files import read_json, read_json_object
+
+TRANSCRIPT_FORMAT = "minillama-chat/1"
+MAX_LINE_CHARS = 16 * 1024**2  # one input line from a pipe; a terminal's lines are far shorter
 
 HELP = """commands:
   /help          this list
@@ -44,11 +50,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.context is not None and args.context < 2:
         raise MinillamaError(f"--context must be at least 2 tokens, got {args.context}")
+    reconfigure_stdin()
+    system = clean_text(args.system) if args.system else args.system
     loaded = load_all(args)
     if loaded.tokenizer.chat_template_source is None:
         raise MinillamaError(f"{loaded.path} has no chat template, so it cannot chat; "
                              "use minillama generate --raw to continue plain text")
-    session = ChatSession(loaded.model, loaded.tokenizer, loaded.generation_config, system=args.system,
+    session = ChatSession(loaded.model, loaded.tokenizer, loaded.generation_config, system=system,
                           seed=args.seed, context=args.context, engine=loaded.engine)
     if args.load:
         session.load_transcript(read_transcript(args.load))
@@ -72,7 +80,34 @@ def run(args: argparse.Namespace) -> int:
 
 
 def read_transcript(path: str) -> dict:
-    return read_json_object(Path(path).expanduser())
+    """A saved chat (regular file, size-limited, any JSON problem one line), lone surrogates replaced."""
+    data = read_json_object(Path(path).expanduser())
+    return json.loads(clean_text(json.dumps(data, ensure_ascii=False)))
+
+
+def reconfigure_stdin() -> None:
+    """Bytes that are not UTF-8 (a stray Latin-1 paste, a binary file on stdin) become U+FFFD instead of
+    an exception that would end the chat."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")
+
+
+def clean_text(text: str) -> str:
+    """Lone surrogates (from undecodable bytes in argv or a surrogateescape stdin) cannot be encoded to
+    UTF-8 for the tokenizer or a saved transcript: replace each with U+FFFD."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)
+
+
+def check_save_target(path: Path) -> None:
+    """/save replaces a file only when it is a transcript already (saving again under the same name)."""
+    if path.exists() and not path.is_dir():
+        try:
+            is_transcript = read_json(path).get("format") == TRANSCRIPT_FORMAT
+        except (MinillamaError, AttributeError):
+            is_transcript = False
+        if not is_transcript:
+            raise MinillamaError(f"{path} exists and is not a minillama transcript; choose another name "
+                                 "(or delete it first)")
 
 
 class Repl:
@@ -83,14 +118,16 @@ class Repl:
     def read(self, prompt: str) -> str | None:
         """One line of input; None at end of input."""
         try:
-            line = input(prompt) if self.interactive else sys.stdin.readline()
+            line = input(prompt) if self.interactive else sys.stdin.readline(MAX_LINE_CHARS)
         except EOFError:
             return None
         if not self.interactive:
             if line == "":
                 return None
+            if len(line) >= MAX_LINE_CHARS and not line.endswith("\n"):
+                raise MinillamaError(f"an input line is longer than {MAX_LINE_CHARS:,} characters; is stdin text?")
             line = line.rstrip("\n")
-        return line
+        return clean_text(line)
 
     def read_message(self) -> str | None:
         """A message: one line, or a block between lines starting and ending with three double quotes."""
@@ -138,16 +175,22 @@ class Repl:
         from minillama.chat import ContextFull
 
         session = self.session
+        n_messages = len(session.messages)
         try:
             for piece in session.send(message):
                 print(piece, end="", flush=True)
+        except ContextFull as e:
+            eprint(f"context full: {e}")
+            return
+        except MinillamaError as e:  # a template or tokenizer problem: say so, keep the conversation
+            if len(session.messages) == n_messages + 1:  # the message went in but no reply came: take it back
+                del session.messages[n_messages:]
+            eprint(f"could not send: {e}")
+            return
         except KeyboardInterrupt:
             self.interrupted_last = True
             print(flush=True)
             eprint("[reply stopped; Ctrl-C again at the prompt exits]")
-        except ContextFull as e:
-            eprint(f"context full: {e}")
-            return
         else:
             print(flush=True)
         st = session.last_stats
@@ -178,9 +221,10 @@ class Repl:
                 eprint("usage: /save FILE")
                 return None
             try:
+                check_save_target(Path(arg).expanduser())
                 path = write_json_atomic(arg, session.transcript(model=self.model_name))
-            except (MinillamaError, OSError) as e:
-                eprint(f"could not save: {e}")
+            except (MinillamaError, OSError, ValueError) as e:  # ValueError: a NUL in the name
+                eprint(f"could not save: {' '.join(str(e).split())}")
                 return None
             eprint(f"[saved {len(session.messages)} messages to {path}]")
         elif name == "/load":

@@ -126,9 +126,12 @@ def load_all(args: argparse.Namespace) -> Loaded:
     from minillama.checkpoint import load_model, resolve_device
     from minillama.config import LlamaConfig
     from minillama.generation import GenerationConfig
+    from minillama.sampling import check_seed
     from minillama.tokenizer import load_tokenizer
 
     device = resolve_device(args.device)
+    if getattr(args, "seed", None) is not None:
+        check_seed(args.seed)
     path = resolve_model_arg(args)
     engine = engine_choice(args, device, LlamaConfig.from_file(path).rope_type)
     generation_config = GenerationConfig.from_model_dir(path).updated(**sampling_overrides(args))

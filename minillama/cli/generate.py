@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from minillama.cli.chat import clean_text
 from minillama.cli.common import add_model_args, add_sampling_args, eprint, load_all
 from minillama.errors import MinillamaError
 from minillama.sampling import make_generator
@@ -24,11 +25,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+PROMPT_LIMIT = 16 * 1024**2  # bytes of prompt read from stdin (`-p -`): far more than any context holds
+
+
+def read_stdin_prompt() -> str:
+    """The prompt from stdin, at most PROMPT_LIMIT bytes; bytes that are not UTF-8 become U+FFFD."""
+    stream = getattr(sys.stdin, "buffer", None)  # a replaced sys.stdin (tests, notebooks) may be text only
+    data = stream.read(PROMPT_LIMIT + 1) if stream is not None else sys.stdin.read(PROMPT_LIMIT + 1)
+    if len(data) > PROMPT_LIMIT:
+        raise MinillamaError(f"the prompt on stdin is longer than {PROMPT_LIMIT:,} bytes; is it text?")
+    return data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+
+
 def run(args: argparse.Namespace) -> int:
     from minillama.chat import TurnStats
     from minillama.generation import generate
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = clean_text(read_stdin_prompt() if args.prompt == "-" else args.prompt)
+    args.system = clean_text(args.system) if args.system else args.system
     if not prompt.strip():
         raise MinillamaError("the prompt is empty; pass --prompt TEXT")
     loaded = load_all(args)
