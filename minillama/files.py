@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -184,3 +185,23 @@ def remove_stale_dirs(parent: Path, prefix: str, min_age_s: float = 10.0) -> lis
         finally:
             os.close(fd)
     return removed
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if needed), printing `waiting` if another process has it.
+    Where flock does not exist, nothing is locked (the rename-into-place still keeps results whole)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not _lock_nonblocking(fd):
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

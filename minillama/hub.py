@@ -16,11 +16,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 from minillama.errors import MinillamaError
+from minillama.files import file_lock, locked_temp_dir, remove_stale_dirs
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # The registry package that carries the default model, and the GGUF file inside it.
@@ -61,23 +61,34 @@ def resolve_model(name_or_path: str | Path, offline: bool = False) -> Path:
 # ---- The default model ---------------------------------------------------------------------------
 
 def default_model(offline: bool = False) -> Path:
-    """The default model's directory in the cache, converted from its GGUF on first use."""
+    """The default model's directory in the cache, converted from its GGUF on first use.
+
+    First runs at once take turns (a lock file in the cache): the second waits, then uses the first's
+    result. Whoever holds the lock also removes what killed first runs left behind.
+    """
     target = cache_dir() / DEFAULT_MODEL
     if (target / "config.json").is_file():  # complete: conversion renames the directory into place last
         return target
     from minillama.gguf import convert_gguf  # numpy, gguf: only needed the first time
 
-    print(f"minillama: first use of {DEFAULT_MODEL}: getting its GGUF from the {DEFAULT_PACKAGE} package "
-          f"and converting it once into {target}", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
-        gguf_file = fetch_default_gguf(Path(tmp), offline=offline)
-        try:
-            convert_gguf(gguf_file, target)
-        except MinillamaError:
-            if (target / "config.json").is_file():  # another process finished first: use its copy
-                return target
-            raise
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as e:
+        raise MinillamaError(f"{target.parent}: cannot create minillama's cache ({' '.join(str(e).split())}); "
+                             "set MINILLAMA_CACHE to a writable directory") from None
+    with file_lock(target.parent / f".{DEFAULT_MODEL}.lock",
+                   waiting=f"minillama: waiting for another minillama to finish preparing {DEFAULT_MODEL}..."):
+        if (target / "config.json").is_file():  # the other process finished while we waited
+            return target
+        print(f"minillama: first use of {DEFAULT_MODEL}: getting its GGUF from the {DEFAULT_PACKAGE} package "
+              f"and converting it once into {target}", file=sys.stderr)
+        remove_stale_dirs(target.parent, ".download-", min_age_s=0)  # the lock is ours: nobody else is here
+        remove_stale_dirs(target.parent, f".{DEFAULT_MODEL}.partial-", min_age_s=0)
+        with locked_temp_dir(target.parent, ".download-") as tmp:
+            try:
+                convert_gguf(fetch_default_gguf(tmp, offline=offline), target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     print(f"minillama: {DEFAULT_MODEL} is ready in {target}", file=sys.stderr)
     return target
 

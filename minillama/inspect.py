@@ -18,8 +18,10 @@ import torch
 
 from minillama.checkpoint import _ST_DTYPE_BYTES, check_safetensors_header, weight_files
 from minillama.config import LlamaConfig
-from minillama.errors import MinillamaError, read_json_object
+from minillama.errors import MinillamaError
+from minillama.files import TOKENIZER_LIMIT, read_json_object
 from minillama.model import LlamaForCausalLM
+from minillama.tokenizer import added_tokens_decoder
 
 # What each file of a Hugging Face model directory is for.
 FILE_PURPOSES = {
@@ -59,9 +61,12 @@ def file_purpose(name: str) -> str:
 
 
 def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+    try:  # a dangling symlink or a symlink loop has no size: count it as 0, it is still listed
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def describe_files(model_dir: Path) -> list[dict[str, Any]]:
@@ -112,14 +117,17 @@ def special_tokens(model_dir: Path) -> dict[str, Any]:
     ids: dict[str, int] = {}  # token text -> id, for added tokens
     special: list[tuple[int, str]] = []
     if tok_json_path.is_file():
-        for t in read_json_object(tok_json_path).get("added_tokens", []):
-            ids[t["content"]] = t["id"]
-            if t.get("special"):
-                special.append((t["id"], t["content"]))
-    for id_, t in tok_config.get("added_tokens_decoder", {}).items():
-        if int(id_) not in (i for i, _ in special) and t.get("special"):
-            special.append((int(id_), t["content"]))
-        ids.setdefault(t["content"], int(id_))
+        added = read_json_object(tok_json_path, TOKENIZER_LIMIT).get("added_tokens")
+        for t in added if isinstance(added, list) else []:
+            if isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("id"), int):
+                ids[t["content"]] = t["id"]
+                if t.get("special"):
+                    special.append((t["id"], t["content"]))
+    for id_, t in added_tokens_decoder(tok_config).items():
+        if id_ not in (i for i, _ in special) and t.get("special") and isinstance(t.get("content"), str):
+            special.append((id_, t["content"]))
+        if isinstance(t.get("content"), str):
+            ids.setdefault(t["content"], id_)
     roles_map = tok_config
     if (model_dir / "special_tokens_map.json").is_file():
         roles_map = {**read_json_object(model_dir / "special_tokens_map.json"), **tok_config}

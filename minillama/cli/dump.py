@@ -19,6 +19,7 @@ from minillama.capture import capture, select
 from minillama.checkpoint import load_model
 from minillama.cli.common import add_model_args, add_prompt_args, prompt_input_ids, resolve_model_arg
 from minillama.errors import MinillamaError
+from minillama.files import check_output_file, partial_path
 from minillama.model import LlamaForCausalLM
 
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -99,7 +100,7 @@ def dump_activations(model: LlamaForCausalLM, input_ids: torch.Tensor, out: str 
         if path.exists() and not force:
             raise MinillamaError(f"{path} exists; pass --force to overwrite it")
     keys = [t.key for targets in select(model, names).values() for t in targets]
-    tmp = out.with_name(out.name + ".partial")
+    tmp = partial_path(out)  # a fresh name: never a file of the user's called X.partial
     writer = SafetensorsStreamWriter(tmp, keys)
     tensors: list[dict[str, Any]] = []
 
@@ -112,11 +113,11 @@ def dump_activations(model: LlamaForCausalLM, input_ids: torch.Tensor, out: str 
             model(input_ids)
         meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()}
         writer.close({"format": "pt", "input_ids": json.dumps(input_ids.tolist()), **meta})
+        os.replace(tmp, out)
     except BaseException:
         writer.file.close()
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, out)
     summary = {"file": out.name, **(metadata or {}), "input_ids": input_ids[0].tolist(), "tensors": tensors}
     summary_path(out).write_text(summary_json(summary), encoding="utf-8")
     return summary
@@ -144,8 +145,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     for path in (args.out, summary_path(args.out)):  # before the slow part
-        if path.exists() and not args.force:
-            raise MinillamaError(f"{path} exists; pass --force to overwrite it")
+        check_output_file(path, args.force)
     model_dir = resolve_model_arg(args)
     model = load_model(model_dir, device=args.device, dtype=args.dtype)
     text, ids = prompt_input_ids(model_dir, args.prompt, args.raw, model.config.vocab_size)
