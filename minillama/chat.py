@@ -6,7 +6,12 @@ Usually that is just the new user message (and the template's glue around it), s
 does not get slower turn by turn.
 
 When the conversation no longer fits the context, the turn is refused with a message saying so: nothing
-is silently dropped from the start of the conversation.
+is silently dropped from the start of the conversation. `drop_oldest` and `make_room` forget the oldest
+turns (never the system prompt) when the user asks for it.
+
+Sampling: `chat_generation_config` gives a chat the defaults chat users know from llama.cpp and ollama
+(`CHAT_SAMPLING`) for every sampling setting the model's generation_config.json leaves out, and says where
+every value came from. `minillama.generate` itself keeps transformers' defaults (greedy unless the model file says otherwise).
 """
 
 from __future__ import annotations
@@ -18,19 +23,83 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from minillama.errors import MinillamaError
+from minillama.errors import MinillamaError, read_json_object
 from minillama.fast import CompiledEngine, compiled_engine_applies
-from minillama.generation import EagerEngine, GenerationConfig, generate
+from minillama.generation import STOP_CONTEXT, STOP_EOS, STOP_LENGTH, STOP_STRING, EagerEngine, GenerationConfig, generate
 from minillama.sampling import make_generator
 
 DEFAULT_CONTEXT = 8192  # KV cache slots allocated when the model's own context is longer
 
 
 class ContextFull(MinillamaError):
-    """The conversation no longer fits the model's context."""
+    """The conversation no longer fits the model's context. `alone`: the new message (with the system
+    prompt) does not fit even without the earlier turns, so dropping turns cannot help."""
+
+    def __init__(self, message: str, alone: bool = False):
+        super().__init__(message)
+        self.alone = alone
+
+
+# ---- Sampling settings for a chat, and where each came from ------------------------------------------
+
+# What llama.cpp and ollama sample with by default. A chat uses each of them that the model's
+# generation_config.json leaves out: transformers' fallback there is greedy decoding, which loops on small models.
+CHAT_SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+FROM_FLAG, FROM_MODEL, FROM_CHAT_DEFAULT, FROM_DEFAULT = "flag", "model file", "chat default", "default"
+SOURCE_TEXT = {FROM_FLAG: "from flags", FROM_MODEL: "from the model's generation_config.json",
+               FROM_CHAT_DEFAULT: "chat defaults, as in llama.cpp and ollama", FROM_DEFAULT: "defaults"}
+SHOWN = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def chat_generation_config(model_dir: str | Path, overrides: dict[str, Any] | None = None
+                           ) -> tuple[GenerationConfig, dict[str, str]]:
+    """A chat's settings and the source of each (`FROM_*`): the flags (`overrides`, None = not given) over the
+    model's generation_config.json, over `CHAT_SAMPLING` for what that file leaves out, over the defaults."""
+    model_dir = Path(model_dir)
+    file = model_dir / "generation_config.json"
+    in_file = {k for k, v in read_json_object(file).items() if v is not None} if file.is_file() else set()
+    sources = {k: FROM_MODEL if k in in_file else FROM_DEFAULT for k in ("do_sample", *SHOWN)}
+    chat = {k: v for k, v in CHAT_SAMPLING.items() if k not in in_file}
+    sources.update(dict.fromkeys(chat, FROM_CHAT_DEFAULT))
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    sources.update(dict.fromkeys(given, FROM_FLAG))
+    return GenerationConfig.from_model_dir(model_dir).updated(**chat).updated(**given), sources
+
+
+def describe_sampling(config: GenerationConfig, sources: dict[str, str]) -> str:
+    """Every setting and where it came from, grouped by source: for the banner."""
+    if config.is_greedy:  # temperature 0 or do_sample false: the filters do not apply
+        why = sources["temperature"] if config.do_sample else sources["do_sample"]
+        values = [("greedy", why)]
+    else:
+        values = [(f"temperature {config.temperature:g}", sources["temperature"]),
+                  (f"top-k {config.top_k}" if config.top_k else "top-k off", sources["top_k"]),
+                  (f"top-p {config.top_p:g}" if config.top_p < 1 else "top-p off", sources["top_p"]),
+                  (f"min-p {config.min_p:g}" if config.min_p else "min-p off", sources["min_p"])]
+    values += [(f"repeat-penalty {config.repetition_penalty:g}", sources["repetition_penalty"]),
+               (f"max-new-tokens {config.max_new_tokens}", sources["max_new_tokens"])]
+    groups: dict[str, list[str]] = {}
+    for text, source in values:
+        groups.setdefault(source, []).append(text)
+    return "; ".join(f"{', '.join(texts)} ({SOURCE_TEXT[source]})" for source, texts in groups.items())
+
+
+# ---- What one turn cost, and why it ended --------------------------------------------------------------
+
+STOP_INTERRUPTED = "interrupted"  # the caller stopped the reply (Ctrl-C); not a rule of the loop
+
+
+def why_stopped(reason: str | None, max_new_tokens: int | None = None) -> str:
+    """A stop reason (`Generation.stop_reason` or "interrupted") in the user's words."""
+    if reason == STOP_LENGTH:
+        limit = f"{max_new_tokens} tokens" if max_new_tokens else "max-new-tokens"
+        return f"length limit ({limit}; raise it with --max-new-tokens)"
+    return {STOP_EOS: "end of turn", STOP_STRING: "stop string", STOP_CONTEXT: "context full",
+            STOP_INTERRUPTED: "Ctrl-C", None: "Ctrl-C"}.get(reason, str(reason))
 
 
 @dataclass
@@ -41,14 +110,18 @@ class TurnStats:
     generate_seconds: float  # the rest of the decode
     stop_reason: str | None  # "eos", "length", "stop_string", "context" or "interrupted"
     context_used: int  # tokens in the conversation after this turn
+    context_size: int  # tokens the context holds
+    max_new_tokens: int | None = None  # the length limit in force, named when the reply reached it
 
     def line(self) -> str:
-        """One line for the user, llama.cpp style: prompt and generation speed."""
+        """One line for the user, llama.cpp style: prompt and generation speed, context, why the reply ended."""
         prompt_rate = self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
         decode_steps = max(self.generated_tokens - 1, 0)
         gen_rate = decode_steps / self.generate_seconds if self.generate_seconds else 0.0
         return (f"[prompt: {self.prompt_tokens} tokens, {prompt_rate:.1f} tok/s | "
-                f"reply: {self.generated_tokens} tokens, {gen_rate:.1f} tok/s | context: {self.context_used}]")
+                f"reply: {self.generated_tokens} tokens, {gen_rate:.1f} tok/s | "
+                f"context: {self.context_used}/{self.context_size} | "
+                f"stopped: {why_stopped(self.stop_reason, self.max_new_tokens)}]")
 
 
 class ChatSession:
@@ -99,12 +172,9 @@ class ChatSession:
         """
         if not text.strip():
             raise MinillamaError("the message is empty; type something to send")
-        messages = self.conversation() + [{"role": "user", "content": text}]
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        room = self.context - len(ids)
-        if room < 1:
-            raise ContextFull(f"the conversation needs {len(ids)} tokens but the context holds {self.context}; "
-                              "/save it if you like, then /clear to start over")
+        ids = self.prompt_ids(text)
+        if len(ids) >= self.context:  # not even one token of reply would fit
+            raise self._context_full(text, len(ids))
         reused = common_prefix(self.cached_ids, ids)
         if reused == len(ids):  # the cache already holds everything: re-feed the last token to get logits
             reused -= 1
@@ -135,8 +205,54 @@ class ChatSession:
             self.cached_ids = (ids + generation.tokens[0])[:generation.input_pos]
             n = len(generation.tokens[0])
             self.last_stats = TurnStats(len(ids) - reused, (first if n else end) - start, n,
-                                        end - first if n else 0.0, generation.stop_reason or "interrupted",
-                                        len(ids) + n)
+                                        end - first if n else 0.0, generation.stop_reason or STOP_INTERRUPTED,
+                                        len(ids) + n, self.context, self.config.max_new_tokens)
+
+    def prompt_ids(self, text: str | None = None) -> list[int]:
+        """The conversation (and a new user message) as the ids the model reads, ending with the reply header."""
+        messages = self.conversation() + ([{"role": "user", "content": text}] if text is not None else [])
+        if not messages:
+            return []
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=text is not None, tokenize=True)
+
+    def _context_full(self, text: str, needed: int) -> ContextFull:
+        """Why a message does not fit: the conversation is too long (drop turns), or the message alone is."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        alone = len(self.tokenizer.apply_chat_template(system + [{"role": "user", "content": text}],
+                                                       add_generation_prompt=True, tokenize=True))
+        if alone >= self.context:
+            most = self.model.config.max_position_embeddings
+            raise_it = (f"or raise --context (this model takes up to {most})" if most > self.context
+                        else f"(this model's whole context is {most} tokens)")
+            return ContextFull(f"this message alone needs {alone} tokens{' with the system prompt' if system else ''}"
+                               f" but the context holds {self.context}; shorten it {raise_it}", alone=True)
+        return ContextFull(f"the conversation needs {needed} tokens but the context holds {self.context}; "
+                           "/drop [N] forgets the N oldest turns (the system prompt stays), then send it again; "
+                           "/clear starts over")
+
+    def drop_oldest(self, turns: int = 1) -> int:
+        """Forget the oldest `turns` turns (a user message and the replies after it); the system prompt stays.
+        Returns how many turns went. The cache needs nothing: the next turn prefills from where it differs."""
+        cut = dropped = 0
+        while dropped < turns and cut < len(self.messages):
+            cut += 1
+            while cut < len(self.messages) and self.messages[cut]["role"] != "user":
+                cut += 1
+            dropped += 1
+        del self.messages[:cut]
+        return dropped
+
+    def make_room(self, text: str) -> int:
+        """Drop the oldest turns until `text` and a whole reply (max_new_tokens, at most half the context) fit.
+        Returns how many turns went; a message that does not fit alone raises ContextFull."""
+        reserve = min(self.config.max_new_tokens, self.context // 2)
+        dropped = 0
+        while self.messages and len(self.prompt_ids(text)) + reserve > self.context:
+            dropped += self.drop_oldest(1)
+        ids = self.prompt_ids(text)
+        if len(ids) >= self.context:
+            raise self._context_full(text, len(ids))
+        return dropped
 
     def transcript(self, **extra) -> dict:
         """The conversation and the settings that produced it, as saved by /save."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import minillama
-from minillama.chat import ChatSession
+from minillama.chat import ChatSession, ContextFull
 from minillama.fast import CompiledEngine
 from minillama.generation import EagerEngine, GenerationConfig
 from minillama.tokenizer import load_tokenizer
@@ -53,3 +54,37 @@ def test_interrupted_reply_keeps_a_consistent_cache(chat_model):
     replay.messages = [dict(m) for m in session.messages]
     with torch.no_grad():
         assert "".join(session.send("go on")) == "".join(replay.send("go on"))
+
+
+def test_dropping_the_oldest_turns_keeps_the_system_prompt_and_a_consistent_cache(chat_model):
+    """drop_oldest forgets whole turns from the start; the next reply equals that of a fresh session holding
+    the same conversation (the cache is re-used only up to where the rendering changed)."""
+    model, tokenizer = minillama.load_model(chat_model, device="cpu"), load_tokenizer(chat_model)
+    config = GenerationConfig.from_model_dir(chat_model).updated(do_sample=False, max_new_tokens=6)
+    session = ChatSession(model, tokenizer, config, system="Be kind.", context=512)
+    for text in TURNS[:3]:
+        "".join(session.send(text))
+    assert session.drop_oldest(2) == 2
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == [TURNS[2]]
+    assert session.conversation()[0] == {"role": "system", "content": "Be kind."}
+    fresh = ChatSession(model, tokenizer, config, system="Be kind.", context=512)
+    fresh.messages = [dict(m) for m in session.messages]
+    assert "".join(session.send(TURNS[3])) == "".join(fresh.send(TURNS[3]))
+    assert session.drop_oldest(5) == 2 and session.messages == []  # only what is there goes
+
+
+def test_make_room_drops_only_what_the_new_message_needs(chat_model):
+    model, tokenizer = minillama.load_model(chat_model, device="cpu"), load_tokenizer(chat_model)
+    config = GenerationConfig.from_model_dir(chat_model).updated(do_sample=False, max_new_tokens=8)
+    session = ChatSession(model, tokenizer, config, system="Be kind.", context=96)
+    for text in TURNS[:2]:
+        "".join(session.send(text))
+    before = len(session.messages)
+    assert session.make_room("Hi") == 0 and len(session.messages) == before  # it fits: nothing goes
+    long = "rivers and mountains " * 10
+    assert len(session.prompt_ids(long)) + 8 > 96 and len(session.prompt_ids()) > 40  # the history is in the way
+    dropped = session.make_room(long)
+    assert dropped >= 1 and len(session.prompt_ids(long)) + 8 <= 96
+    with pytest.raises(ContextFull, match="this message alone needs .* shorten it or raise --context") as e:
+        session.make_room("word " * 200)
+    assert e.value.alone

@@ -8,19 +8,35 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+
+import time
 
 import pexpect
 import pytest
 import torch
 
 import minillama
-from minillama.chat import ChatSession
+from minillama.chat import CHAT_SAMPLING, ChatSession, chat_generation_config
 from minillama.generation import GenerationConfig
+from minillama.sampling import make_generator
 from minillama.tokenizer import load_tokenizer
 
 CLI = [sys.executable, "-m", "minillama"]
+STATS = r"\[prompt: \d+ tokens, [\d.]+ tok/s \| reply: (\d+) tokens, [\d.]+ tok/s \| context: (\d+)/(\d+) \| stopped: ([^\]]+)\]"
+
+
+@pytest.fixture(scope="module")
+def unsampled_model(chat_model, tmp_path_factory):
+    """chat_model whose generation_config.json sets only token ids, as SmolLM2's does: no sampling at all."""
+    path = tmp_path_factory.mktemp("unsampled")
+    for f in chat_model.iterdir():
+        (path / f.name).symlink_to(f)
+    (path / "generation_config.json").unlink()
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 128009]}))
+    return path
 
 
 def run_cli(*args: str, stdin: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
@@ -39,6 +55,9 @@ def test_pipe_answers_each_line_and_reuses_the_cache(chat_model, tmp_path):
     assert r.stdout == "".join(reply + "\n" for reply in replies)  # each reply streamed, then a newline
     stats = [line for line in r.stderr.splitlines() if line.startswith("[prompt:")]
     assert len(stats) == 2
+    for line in stats:  # a random model never says eos: both replies ran into -n, and the line says so
+        assert line.endswith("| stopped: length limit (12 tokens; raise it with --max-new-tokens)]")
+        assert re.search(r"\| context: \d+/4096 \|", line)
     # Turn 1 prefills the whole rendered prompt; turn 2 only what follows the cached prefix.
     first_prefill = int(stats[0].split("prompt: ")[1].split(" ")[0])
     second_prefill = int(stats[1].split("prompt: ")[1].split(" ")[0])
@@ -88,12 +107,36 @@ def test_clear_gives_a_fresh_session(chat_model, tmp_path):
     assert len(first) == len(again) == 2 and first == again
 
 
-def test_context_full_is_reported_not_truncated(chat_model):
-    r = run_cli("chat", str(chat_model), "--greedy", "-n", "20", "--context", "60",
-                stdin="hello\nsay more\nand more\n")
-    assert r.returncode == 0
-    assert "context full" in r.stderr
-    assert "Traceback" not in r.stderr
+def test_context_full_is_reported_not_truncated(chat_model, tmp_path):
+    """Without --drop-oldest a full context refuses the turn and names /drop; /drop makes room and keeps the
+    system prompt; a message too long on its own says to shorten it or raise --context."""
+    saved = tmp_path / "after-drop.json"
+    long_message = "word " * 80
+    r = run_cli("chat", str(chat_model), "--greedy", "-n", "25", "--context", "60", "--system", "Be brief.",
+                stdin=f"hello\nsay more\nand more\n/drop\nand more\n{long_message}\n/save {saved}\n")
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    assert "stopped: context full" in r.stderr and "context: 60/60" in r.stderr
+    assert "context full: the conversation needs" in r.stderr and "/drop [N] forgets the N oldest turns" in r.stderr
+    assert "[dropped the oldest turn; the conversation now holds" in r.stderr
+    assert "message too long: this message alone needs" in r.stderr
+    assert "shorten it or raise --context (this model takes up to 4096)" in r.stderr
+    data = json.loads(saved.read_text())
+    assert data["system"] == "Be brief."
+    users = [m["content"] for m in data["messages"] if m["role"] == "user"]
+    assert "hello" not in users and users[-1] == "and more"  # /drop took the oldest turn; the long one was refused
+
+
+def test_drop_oldest_flag_makes_room_with_a_notice(chat_model, tmp_path):
+    saved = tmp_path / "t.json"
+    r = run_cli("chat", str(chat_model), "--greedy", "-n", "10", "--context", "80", "--drop-oldest",
+                "--system", "Be brief.", stdin=f"hello\nsay more\nand more\nonce more\n/save {saved}\n")
+    assert r.returncode == 0, r.stderr
+    assert "context full: dropped the" in r.stderr and "the system prompt stays" in r.stderr
+    assert "the conversation needs" not in r.stderr  # no turn was refused
+    assert len(re.findall(STATS, r.stderr)) == 4
+    data = json.loads(saved.read_text())
+    users = [m["content"] for m in data["messages"] if m["role"] == "user"]
+    assert data["system"] == "Be brief." and users[-1] == "once more" and "hello" not in users
 
 
 def test_commands_and_errors(chat_model):
@@ -134,11 +177,41 @@ def test_generate_prints_only_the_completion(chat_model):
     expected = tok.decode(list(minillama.generation.generate(model, ids, max_new_tokens=9, do_sample=False)),
                           skip_special_tokens=True)
     assert r.stdout == expected + "\n"
-    assert "[prompt:" in r.stderr  # stats on stderr only
+    assert re.fullmatch(STATS + "\n", r.stderr).groups() == (  # stats on stderr only, with why it ended
+        "9", str(len(ids) + 9), "4096", "length limit (9 tokens; raise it with --max-new-tokens)")
     raw = run_cli("generate", str(chat_model), "--prompt", "Once upon", "--raw", "--greedy", "-n", "5")
     ids = tok.encode("Once upon")
     completion = minillama.generation.generate(model, ids, max_new_tokens=5, do_sample=False)
     assert raw.stdout == tok.decode(list(completion), skip_special_tokens=True) + "\n"
+
+
+def test_generate_says_a_stop_string_ended_it(chat_model):
+    """The greedy reply of the tiny model is blank lines: a stop string of one newline ends it at once."""
+    r = run_cli("generate", str(chat_model), "--prompt", "Name a color", "--greedy", "-n", "9", "--stop", "\n")
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(STATS + "\n", r.stderr).group(1, 4) == ("1", "stop string")
+
+
+def test_chat_defaults_when_the_model_sets_no_sampling(unsampled_model, chat_model):
+    """A model file without sampling settings gets llama.cpp's and ollama's defaults in `generate` (seeded:
+    the same tokens as the library with those settings); --help names them; the model file's own values win."""
+    config, sources = chat_generation_config(unsampled_model, {"max_new_tokens": 8})
+    assert {k: getattr(config, k) for k in CHAT_SAMPLING} == CHAT_SAMPLING
+    assert sources["temperature"] == "chat default" and sources["max_new_tokens"] == "flag"
+    r = run_cli("generate", str(unsampled_model), "--prompt", "Name a color", "--seed", "3", "-n", "8")
+    assert r.returncode == 0, r.stderr
+    model, tok = minillama.load_model(unsampled_model, device="cpu"), load_tokenizer(unsampled_model)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Name a color"}], tokenize=True)
+    tokens = minillama.generate(model, ids, config.ending_turns(tok), generator=make_generator("cpu", 3))
+    assert r.stdout == tok.decode(list(tokens), skip_special_tokens=True) + "\n"
+    # minillama.generate itself stays transformers-like: greedy when the model file says nothing
+    assert model.generation_config.is_greedy
+    # the model file's values win over the chat defaults; what it leaves out comes from them
+    config, sources = chat_generation_config(chat_model, {"temperature": None})
+    assert (config.temperature, config.top_p, config.top_k, config.min_p) == (0.6, 0.9, 40, 0.05)
+    assert sources["temperature"] == sources["top_p"] == "model file" and sources["top_k"] == "chat default"
+    help_text = run_cli("chat", "--help").stdout
+    assert "temperature 0.8, top-k 40, top-p 0.95, min-p 0.05" in " ".join(help_text.split())
 
 
 def test_compile_notice_and_engines(chat_model):
@@ -165,20 +238,42 @@ def test_empty_prompt_and_missing_model_exit_2(tmp_path):
 
 # ---- a pseudo-terminal: what a person at a keyboard sees --------------------------------------------
 
-def spawn_chat(*args: str, env: dict | None = None):
-    child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", *args], encoding="utf-8", timeout=60,
+def spawn_chat(*args: str, env: dict | None = None, python_args: tuple[str, ...] = ()):
+    """`minillama chat ARGS` at a terminal (python_args: run the CLI another way than `-m minillama`)."""
+    child = pexpect.spawn(CLI[0], [*(python_args or CLI[1:]), "chat", *args], encoding="utf-8", timeout=60,
                           env={**os.environ, "TERM": "dumb", **(env or {})}, dimensions=(40, 200))
     child.expect(">>> ")
     return child
 
 
+def exit_with_two_ctrl_c(child) -> None:
+    """Two Ctrl-C at the prompt (after the grace moment that follows a stopped reply) leave the chat."""
+    time.sleep(1.2)
+    child.sendintr()
+    child.expect(r"Ctrl-C again or Ctrl-D to exit")
+    child.expect(">>> ")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def send_and_wait_for_reply(child, line: str) -> None:
+    child.sendline(line)
+    # the terminal's echo, then readline turning bracketed paste off for the reply (the chat turned it on)
+    child.expect(re.escape(line) + "\r\n\x1b\\[\\?2004l\r")
+    child.expect(r"\S", timeout=60)  # the reply has started streaming
+
+
 def test_default_model_reaches_a_chat_prompt_and_answers(smollm2_dir):
-    """What the README's first command ends in: `minillama chat` with no arguments, on the real default model."""
+    """What the README's first command ends in: `minillama chat` with no arguments, on the real default model;
+    its model file sets no sampling, so the banner shows the chat defaults; the reply ends at its end of turn."""
     child = spawn_chat("--greedy", "-n", "30", env={"MINILLAMA_CACHE": str(smollm2_dir.parent)})
     assert "smollm2-135m-instruct" in child.before and "tokenizer_config.json" in child.before
+    assert "sampling: greedy, max-new-tokens 30 (from flags); repeat-penalty 1 (defaults)\r\n" in child.before
     child.sendline("What is the capital of France?")
-    child.expect(r"\[prompt: \d+ tokens")
-    assert "Paris" in child.before
+    child.expect(STATS)
+    assert "Paris" in child.before and child.match.group(4) == "end of turn"
     child.expect(">>> ")
     child.sendline("/exit")
     child.expect(pexpect.EOF)
@@ -186,9 +281,11 @@ def test_default_model_reaches_a_chat_prompt_and_answers(smollm2_dir):
     assert child.exitstatus == 0
 
 
-def test_tty_session_commands_multiline_and_exit(chat_model):
+def test_tty_session_commands_multiline_paste_and_exit(chat_model, tmp_path):
     child = spawn_chat(str(chat_model), "--greedy", "-n", "5")
     assert "chat template: built-in Llama 3 format" in child.before
+    # every sampling value and where it came from
+    assert "sampling: greedy, max-new-tokens 5 (from flags); repeat-penalty 1 (defaults)\r\n" in child.before
     child.sendline("/help")
     child.expect("/clear")
     child.expect(">>> ")
@@ -197,29 +294,59 @@ def test_tty_session_commands_multiline_and_exit(chat_model):
     child.sendline("line one")
     child.expect(r"\.\.\. ")
     child.sendline('line two"""')
-    child.expect(r"\[prompt: \d+ tokens")
+    child.expect(STATS)
+    child.expect(">>> ")
+    # a paste of several lines, as a terminal in bracketed-paste mode sends it, is one message
+    child.send("\x1b[200~pasted one\npasted two\n/not a command\x1b[201~\r")
+    child.expect(STATS)
+    child.expect(">>> ")
+    saved = tmp_path / "t.json"
+    child.sendline(f"/save {saved}")
     child.expect(">>> ")
     child.sendeof()  # Ctrl-D exits
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+    users = [m["content"] for m in json.loads(saved.read_text())["messages"] if m["role"] == "user"]
+    assert users == ["line one\nline two", "pasted one\npasted two\n/not a command"]
+
+
+def test_tty_paste_without_readline(chat_model, tmp_path):
+    """A Python without readline: the chat turns bracketed-paste mode on itself and joins the marked lines."""
+    saved = tmp_path / "t.json"
+    no_readline = ("-c", "import sys; sys.modules['readline'] = None; from minillama.cli import main; "
+                         "sys.exit(main(sys.argv[1:]))")
+    child = spawn_chat(str(chat_model), "--greedy", "-n", "3", python_args=no_readline)
+    assert "\x1b[?2004h" in child.before + child.after
+    child.send("\x1b[200~first line\nsecond line\x1b[201~\r")
+    child.expect(STATS)
+    child.expect(">>> ")
+    child.sendline(f"/save {saved}")
+    child.expect(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    assert "\x1b[?2004l" in child.before  # and off again on the way out
+    child.close()
+    users = [m["content"] for m in json.loads(saved.read_text())["messages"] if m["role"] == "user"]
+    assert users == ["first line\nsecond line"]
 
 
 def test_tty_ctrl_c_stops_the_reply_and_keeps_the_session(chat_model):
     child = spawn_chat(str(chat_model), "-n", "4000", "--seed", "1")  # a long reply to interrupt
-    child.sendline("talk for a long time")
-    child.expect("talk for a long time\r\n")  # the terminal's echo of the line
-    child.expect(r"\S", timeout=60)  # the reply has started streaming
+    send_and_wait_for_reply(child, "talk for a long time")
     child.sendintr()  # Ctrl-C
-    child.expect(r"reply stopped")
-    child.expect(r"\[prompt: \d+ tokens, [\d.]+ tok/s \| reply: (\d+) tokens")
-    assert 0 < int(child.match.group(1)) < 4000
+    child.expect(STATS)
+    assert 0 < int(child.match.group(1)) < 4000 and child.match.group(4) == "Ctrl-C"
     child.expect(">>> ")
-    child.sendline("short now")  # the session goes on
-    child.expect("short now\r\n")
-    child.sendintr()  # stops this reply too, or (if it already ended) asks at the prompt
+    # an impatient double Ctrl-C during a reply stops it and does not exit
+    send_and_wait_for_reply(child, "talk again")
+    child.sendintr()
+    time.sleep(0.1)
+    child.sendintr()
+    child.expect(STATS)
+    assert child.match.group(4) == "Ctrl-C"
     child.expect(">>> ")
-    child.sendintr()  # a second Ctrl-C in a row: exit
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    child.sendline("/help")  # the session goes on
+    child.expect("/clear")
+    child.expect(">>> ")
+    exit_with_two_ctrl_c(child)

@@ -1,9 +1,10 @@
 """`minillama chat [MODEL]`: a streaming chat in the terminal.
 
-At a terminal: a prompt with line editing, in-chat commands, `\"\"\"` for multi-line messages, Ctrl-C to
-stop a reply (a second Ctrl-C, or Ctrl-D, exits) and a stats line after each reply. With stdin not a
-terminal (a pipe, a file) each input line is one message and only the replies are printed on stdout,
-for scripting; stats and notices go to stderr.
+At a terminal: a prompt with line editing, in-chat commands, `\"\"\"` for multi-line messages, a pasted
+block of lines sent as one message (bracketed paste), Ctrl-C to stop a reply (twice at the prompt, or
+Ctrl-D, exits) and a stats line after each reply saying why it ended. With stdin not a terminal (a pipe, a
+file) each input line is one message and only the replies are printed on stdout, for scripting; stats
+and notices go to stderr.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from minillama.cli.common import add_model_args, add_sampling_args, eprint, load_all
@@ -24,12 +28,17 @@ MAX_LINE_CHARS = 16 * 1024**2  # one input line from a pipe; a terminal's lines 
 HELP = """commands:
   /help          this list
   /clear         forget the conversation (keeps the system prompt)
+  /drop [N]      forget the N oldest turns, default 1 (keeps the system prompt): room when the context is full
   /system TEXT   set the system prompt (no TEXT: remove it)
   /save FILE     save the conversation and settings as JSON
   /load FILE     continue a saved conversation
   /exit          leave (also /bye, /quit, Ctrl-D)
-  \"\"\"            start or end a multi-line message
-Ctrl-C stops a reply; Ctrl-C again at the prompt exits."""
+  \"\"\"            start or end a multi-line message (a pasted block of lines is one message too)
+Ctrl-C stops a reply (pressing it twice does not exit); Ctrl-C twice at the prompt, or Ctrl-D, exits."""
+
+# After a Ctrl-C stopped a reply, a Ctrl-C this soon at the prompt is the same impatient press, not a wish to exit.
+GRACE_SECONDS = 1.0
+PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"  # what a terminal in bracketed-paste mode wraps a paste in
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,12 +50,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=int, help="most tokens the conversation may hold (default: the model's, "
                                                "at most 8192)")
     p.add_argument("--load", metavar="FILE", help="continue a conversation saved with /save")
+    p.add_argument("--drop-oldest", action="store_true",
+                   help="when the context is full, forget the oldest turns (not the system prompt) to make room, "
+                        "with a notice; without it, the chat says so and /drop does it on request")
     p.add_argument("--no-stats", action="store_true", help="no stats line after replies")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from minillama.chat import ChatSession
+    from minillama.chat import ChatSession, describe_sampling
 
     if args.context is not None and args.context < 2:
         raise MinillamaError(f"--context must be at least 2 tokens, got {args.context}")
@@ -66,17 +78,34 @@ def run(args: argparse.Namespace) -> int:
         session.engine.warmup()
     interactive = sys.stdin.isatty()
     if interactive:
-        try:
-            import readline  # noqa: F401  (line editing and history for input())
-        except ImportError:
-            pass
-        cfg = loaded.generation_config
-        sampling = "greedy" if cfg.is_greedy else (f"temperature {cfg.temperature}, top_k {cfg.top_k}, "
-                                                    f"top_p {cfg.top_p}" + (f", min_p {cfg.min_p}" if cfg.min_p else ""))
+        manual_paste = setup_line_editing()
         eprint(f"minillama chat: {loaded.path} on {loaded.model.device} ({str(loaded.model.dtype)[6:]}), "
-               f"loaded in {loaded.load_seconds:.1f} s; {sampling}; context {session.context} tokens")
+               f"loaded in {loaded.load_seconds:.1f} s; context {session.context} tokens")
+        eprint(f"sampling: {describe_sampling(session.config, loaded.sampling_sources)}")
         eprint(f"chat template: {loaded.tokenizer.chat_template_source}. Type /help for commands.")
-    return Repl(session, interactive, stats=not args.no_stats, model_name=str(args.model)).loop()
+    repl = Repl(session, interactive, stats=not args.no_stats, model_name=str(args.model),
+                drop_oldest=args.drop_oldest)
+    try:
+        if interactive and manual_paste:
+            print("\x1b[?2004h", end="", flush=True)  # ask the terminal to mark pastes
+        return repl.loop()
+    finally:
+        if interactive and manual_paste:
+            print("\x1b[?2004l", end="", flush=True)
+
+
+def setup_line_editing() -> bool:
+    """Line editing and history for input(), with bracketed paste: a pasted block of lines arrives as one
+    message. GNU readline does it itself once asked (Python turns it off); without readline the terminal's
+    markers reach us and `Repl.read` joins the lines between them. Returns whether that is our job."""
+    try:
+        import readline
+    except ImportError:
+        return True
+    if "libedit" in (readline.__doc__ or ""):
+        return False  # editline would show the markers as typed text: leave bracketed paste off
+    readline.parse_and_bind("set enable-bracketed-paste on")
+    return False
 
 
 def read_transcript(path: str) -> dict:
@@ -110,13 +139,37 @@ def check_save_target(path: Path) -> None:
                                  "(or delete it first)")
 
 
+class ReplyInterrupts:
+    """Ctrl-C during a reply: the first press stops it (KeyboardInterrupt in the decode loop); presses after
+    that, until the reply is wrapped up, are ignored, so an impatient second press cannot exit the chat or
+    land in the middle of saving the partial reply."""
+
+    def __enter__(self) -> ReplyInterrupts:
+        self.pressed_at: float | None = None
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        if self.pressed_at is None:
+            self.pressed_at = time.monotonic()
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 class Repl:
-    def __init__(self, session, interactive: bool, stats: bool, model_name: str):
+    def __init__(self, session, interactive: bool, stats: bool, model_name: str, drop_oldest: bool = False):
         self.session, self.interactive, self.stats, self.model_name = session, interactive, stats, model_name
-        self.interrupted_last = False  # a Ctrl-C just happened: the next one at the prompt exits
+        self.drop_oldest = drop_oldest  # make room by forgetting the oldest turns, with a notice
+        self.interrupted_last = False  # a Ctrl-C at the prompt just happened: the next one exits
+        self.reply_stopped_at = -GRACE_SECONDS  # when a Ctrl-C last stopped a reply (time.monotonic)
 
     def read(self, prompt: str) -> str | None:
-        """One line of input; None at end of input."""
+        """One line of input (or one pasted block of lines); None at end of input."""
         try:
             line = input(prompt) if self.interactive else sys.stdin.readline(MAX_LINE_CHARS)
         except EOFError:
@@ -126,13 +179,22 @@ class Repl:
                 return None
             if len(line) >= MAX_LINE_CHARS and not line.endswith("\n"):
                 raise MinillamaError(f"an input line is longer than {MAX_LINE_CHARS:,} characters; is stdin text?")
-            line = line.rstrip("\n")
+            return clean_text(line.rstrip("\n"))
+        if PASTE_START in line:  # no readline: the terminal sent the paste's lines one by one, marked
+            lines = [line]
+            while PASTE_END not in lines[-1]:
+                try:
+                    lines.append(input())
+                except EOFError:
+                    break
+            line = "\n".join(lines).replace(PASTE_START, "").replace(PASTE_END, "")
         return clean_text(line)
 
     def read_message(self) -> str | None:
-        """A message: one line, or a block between lines starting and ending with three double quotes."""
+        """A message: one line, a pasted block, or a block between lines starting and ending with three
+        double quotes."""
         line = self.read(">>> " if self.interactive else "")
-        if line is None or not line.lstrip().startswith('"""'):
+        if line is None or "\n" in line or not line.lstrip().startswith('"""'):
             return line
         first = line.lstrip()[3:]
         if first.rstrip().endswith('"""'):  # """one line"""
@@ -152,11 +214,16 @@ class Repl:
             try:
                 message = self.read_message()
             except KeyboardInterrupt:
-                if self.interrupted_last or not self.interactive:
+                if not self.interactive:
                     print(file=sys.stderr)
                     return 0
+                print(file=sys.stderr)
+                if time.monotonic() - self.reply_stopped_at < GRACE_SECONDS:
+                    continue  # the press that stopped the reply, repeated: not a request to exit
+                if self.interrupted_last:
+                    return 0
                 self.interrupted_last = True
-                eprint("\n(Ctrl-C again or Ctrl-D to exit)")
+                eprint("(Ctrl-C again or Ctrl-D to exit)")
                 continue
             if message is None:
                 if self.interactive:
@@ -165,11 +232,17 @@ class Repl:
             self.interrupted_last = False
             if not message.strip():
                 continue
-            if message.startswith("/") and not message.startswith("//"):
+            if message.startswith("/") and not message.startswith("//") and "\n" not in message:
                 if self.command(message) == "exit":
                     return 0
                 continue
-            self.reply(message[1:] if message.startswith("//") else message)
+            with ReplyInterrupts() as interrupts:
+                try:
+                    self.reply(message[1:] if message.startswith("//") else message)
+                except KeyboardInterrupt:
+                    print(flush=True)  # pressed as the reply ended, while its stats were printed
+            if interrupts.pressed_at is not None:
+                self.reply_stopped_at = interrupts.pressed_at
 
     def reply(self, message: str) -> None:
         from minillama.chat import ContextFull
@@ -177,10 +250,12 @@ class Repl:
         session = self.session
         n_messages = len(session.messages)
         try:
+            if self.drop_oldest:
+                self.make_room(message)
             for piece in session.send(message):
                 print(piece, end="", flush=True)
         except ContextFull as e:
-            eprint(f"context full: {e}")
+            eprint(f"{'message too long' if e.alone else 'context full'}: {e}")
             return
         except MinillamaError as e:  # a template or tokenizer problem: say so, keep the conversation
             if len(session.messages) == n_messages + 1:  # the message went in but no reply came: take it back
@@ -188,17 +263,25 @@ class Repl:
             eprint(f"could not send: {e}")
             return
         except KeyboardInterrupt:
-            self.interrupted_last = True
             print(flush=True)
-            eprint("[reply stopped; Ctrl-C again at the prompt exits]")
+            if not self.stats:
+                eprint("[reply stopped]")
         else:
             print(flush=True)
         st = session.last_stats
         if st is not None and st.stop_reason == "context":
-            eprint(f"context full: the reply reached the end of the {session.context}-token context; "
-                   "/save the conversation if you like, then /clear to go on")
+            then = ("the oldest turns will make room for the next message" if self.drop_oldest
+                    else "/drop [N] forgets the N oldest turns (the system prompt stays), /clear starts over")
+            eprint(f"context full: the reply reached the end of the {session.context}-token context; {then}")
         if self.stats and st is not None and (self.interactive or st.generated_tokens):
             eprint(st.line())
+
+    def make_room(self, message: str) -> None:
+        """--drop-oldest: forget the oldest turns the new message needs room for, and say so."""
+        dropped = self.session.make_room(message)
+        if dropped:
+            eprint(f"[context full: dropped the {plural(dropped, 'oldest turn')} to make room; "
+                   "the system prompt stays]")
 
     def command(self, line: str) -> str | None:
         from minillama.chat import write_json_atomic
@@ -213,6 +296,8 @@ class Repl:
         elif name == "/clear":
             session.clear()
             eprint("[conversation cleared]")
+        elif name == "/drop":
+            self.drop(arg)
         elif name == "/system":
             session.set_system(arg)
             eprint(f"[system prompt {'set' if arg else 'removed'}]")
@@ -240,3 +325,20 @@ class Repl:
         else:
             eprint(f"unknown command {name}; /help lists them (start a message with // to send a literal /)")
         return None
+
+    def drop(self, arg: str) -> None:
+        """/drop [N]: forget the N oldest turns (default 1), keeping the system prompt."""
+        if not (arg or "1").isdigit() or int(arg or "1") < 1:
+            eprint("usage: /drop [N]  (forget the N oldest turns; default 1)")
+            return
+        session = self.session
+        dropped = session.drop_oldest(int(arg or "1"))
+        if not dropped:
+            eprint("[nothing to drop: the conversation is empty]")
+            return
+        eprint(f"[dropped the {plural(dropped, 'oldest turn')}; the conversation now holds "
+               f"{len(session.prompt_ids())}/{session.context} tokens]")
+
+
+def plural(n: int, noun: str) -> str:
+    return noun if n == 1 else f"{n} {noun}s"

@@ -61,14 +61,23 @@ def prompt_input_ids(path: Path, prompt: str, raw: bool, vocab_size: int) -> tup
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """Sampling flags; anything left out comes from the model's generation_config.json."""
-    g = p.add_argument_group("sampling (defaults from the model's generation_config.json)")
-    g.add_argument("--temperature", "--temp", type=float, help="0 means greedy")
-    g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0: off)")
-    g.add_argument("--top-p", type=float, help="keep the smallest set reaching probability p (1: off)")
-    g.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability (0: off)")
-    g.add_argument("--repetition-penalty", "--repeat-penalty", type=float, help="> 1 discourages repeats (1: off)")
-    g.add_argument("--max-new-tokens", "-n", type=int, help="the most tokens in one reply")
+    """Sampling flags; anything left out comes from the model's generation_config.json, or from the chat
+    defaults (minillama.chat.CHAT_SAMPLING) when that file sets no sampling."""
+    g = p.add_argument_group(
+        "sampling", "Defaults: the model's generation_config.json; what it leaves out, llama.cpp's and "
+        "ollama's: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05. The chat's banner shows every value and "
+        "where it came from (flag, model file, default).")
+    g.add_argument("--temperature", "--temp", type=float, help="0 means greedy (default: the model file's, else 0.8)")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0: off; default: the model file's, "
+                                             "else 40)")
+    g.add_argument("--top-p", type=float, help="keep the smallest set reaching probability p (1: off; default: "
+                                               "the model file's, else 0.95)")
+    g.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability (0: off; default: "
+                                               "the model file's, else 0.05)")
+    g.add_argument("--repetition-penalty", "--repeat-penalty", type=float,
+                   help="> 1 discourages repeats (default: the model file's, else 1: off)")
+    g.add_argument("--max-new-tokens", "-n", type=int, help="the most tokens in one reply (default: the model "
+                                                            "file's, else 256)")
     g.add_argument("--seed", type=int, help="seed for reproducible sampling")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
     add_engine_args(g)
@@ -114,6 +123,7 @@ class Loaded:
     generation_config: object
     load_seconds: float
     engine: str  # "eager" or "compiled"
+    sampling_sources: dict[str, str]  # setting -> where its value came from (minillama.chat.FROM_*)
 
 
 def load_all(args: argparse.Namespace) -> Loaded:
@@ -123,9 +133,9 @@ def load_all(args: argparse.Namespace) -> Loaded:
     """
     import time
 
+    from minillama.chat import chat_generation_config
     from minillama.checkpoint import load_model, resolve_device
     from minillama.config import LlamaConfig
-    from minillama.generation import GenerationConfig
     from minillama.sampling import check_seed
     from minillama.tokenizer import load_tokenizer
 
@@ -134,12 +144,12 @@ def load_all(args: argparse.Namespace) -> Loaded:
         check_seed(args.seed)
     path = resolve_model_arg(args)
     engine = engine_choice(args, device, LlamaConfig.from_file(path).rope_type)
-    generation_config = GenerationConfig.from_model_dir(path).updated(**sampling_overrides(args))
+    generation_config, sources = chat_generation_config(path, sampling_overrides(args))
     tokenizer = load_tokenizer(path)
     start = time.perf_counter()
     # The eager engine on a CPU runs fastest on oneDNN-packed weights (the compiled one needs plain ones).
     model = load_model(path, device=device, dtype=args.dtype, pack=engine == "eager")
-    return Loaded(path, model, tokenizer, generation_config, time.perf_counter() - start, engine)
+    return Loaded(path, model, tokenizer, generation_config, time.perf_counter() - start, engine, sources)
 
 
 def eprint(*parts: object) -> None:

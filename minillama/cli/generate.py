@@ -38,7 +38,7 @@ def read_stdin_prompt() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from minillama.chat import TurnStats
+    from minillama.chat import STOP_INTERRUPTED, TurnStats
     from minillama.generation import generate
 
     prompt = clean_text(read_stdin_prompt() if args.prompt == "-" else args.prompt)
@@ -63,12 +63,16 @@ def run(args: argparse.Namespace) -> int:
     stream = tok.stream_decoder(skip_special_tokens=True)
     start = time.perf_counter()
     first = None
-    for token in generation:
-        first = first or time.perf_counter()
-        print(stream.push(token), end="", flush=True)
-    print(stream.flush(), flush=True)
+    try:
+        for token in generation:
+            first = first or time.perf_counter()
+            print(stream.push(token), end="", flush=True)
+        print(stream.flush(), flush=True)
+    except KeyboardInterrupt:  # stopped by Ctrl-C: still say what was made and why it ended
+        print(flush=True)
     end = time.perf_counter()
     n = len(generation.tokens[0])
     first = first or end
-    eprint(TurnStats(len(ids), first - start, n, end - first, generation.stop_reason, len(ids) + n).line())
-    return 0
+    eprint(TurnStats(len(ids), first - start, n, end - first, generation.stop_reason or STOP_INTERRUPTED,
+                     len(ids) + n, loaded.model.config.max_position_embeddings, config.max_new_tokens).line())
+    return 0 if generation.stop_reason else 130
