@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import minillama
+from minillama.chat import chat_generation_config
 from minillama.generation import GenerationConfig
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "chat.py"
@@ -31,18 +32,29 @@ def test_greedy_reply_is_generate_and_verbose_shows_each_stage(chat_model):
     messages = [{"role": "user", "content": "Name a color"}]
     ids = tok.apply_chat_template(messages, tokenize=True)
     config = GenerationConfig.from_model_dir(chat_model).updated(do_sample=False, max_new_tokens=8)
-    generated = list(minillama.generate(model, ids, config))
+    generated = list(minillama.generate(model, ids, config.ending_turns(tok)))
     assert r.stdout == tok.decode(generated, skip_special_tokens=True) + "\n"  # --verbose leaves stdout alone
 
-    # the stages, on stderr: rendered prompt, token table, each sampled id, timing
-    assert tok.apply_chat_template(messages) in r.stderr
-    table = r.stderr.split("index      id  piece\n", 1)[1].split("[sampled", 1)[0]
+    # the stages on stderr, each under the number the help gives it, in order
+    labels = re.findall(r"^\[(\d) (\w+)\]", r.stderr, re.M)
+    assert [label for label, _ in dict.fromkeys(labels)] == ["1", "2", "3", "4", "5", "6", "8", "7"]
+    assert all(f"  {n}. {name}" in SCRIPT.read_text() for n, name in set(labels))  # as the help numbers them
+    assert "[1 messages] 1 message: user 'Name a color'" in r.stderr
+    assert tok.apply_chat_template(messages) in r.stderr  # 2. the rendered prompt
+    table = r.stderr.split("index      id  piece\n", 1)[1].split("[4 prefill]", 1)[0]  # 3. the tokens
     rows = [re.match(r"\s*(\d+)\s+(\d+)  (.*)$", line).groups() for line in table.splitlines()]
     assert [int(i) for i, _, _ in rows] == list(range(len(ids)))
     assert [int(id_) for _, id_, _ in rows] == ids
     assert rows[0][2] == "<|begin_of_text|>" and "↵↵" in rows[4][2]  # pieces with visible whitespace
-    assert [int(t) for t in re.findall(r"^\[sampled (\d+) ", r.stderr, re.M)] == generated
-    assert "[prefill: " in r.stderr
+    assert re.search(rf"^\[4 prefill\] {len(ids)} tokens in [\d.]+ s", r.stderr, re.M)
+    # 5. the settings with their sources, then each step's top candidates (probabilities summing to <= 1)
+    assert "[5 sample] greedy, max-new-tokens 8 (from flags); repeat-penalty 1 (defaults)" in r.stderr
+    steps = re.findall(r"^\[5 sample\] step (\d+): (.*)  -> (\d+) ", r.stderr, re.M)
+    assert [int(t) for _, _, t in steps] == generated and [int(s) for s, _, _ in steps] == list(range(8))
+    for _, candidates, token in steps:
+        percents = [float(p) for p in re.findall(r" ([\d.]+)%", candidates)]
+        assert len(percents) == 3 and percents == sorted(percents, reverse=True) and sum(percents) <= 100.1
+    assert "[6 stop] length limit (8 tokens; raise it with --max-new-tokens)" in r.stderr
 
 
 def test_piped_conversation_with_seeded_sampling_is_generate(chat_model):
@@ -51,8 +63,9 @@ def test_piped_conversation_with_seeded_sampling_is_generate(chat_model):
                    "-n", "6", "--device", "cpu", stdin="Hello\n\nTell me more\n")
     assert r.returncode == 0, r.stderr
     model, tok = minillama.load_model(chat_model, device="cpu"), minillama.load_tokenizer(chat_model)
-    config = GenerationConfig.from_model_dir(chat_model).updated(do_sample=True, temperature=0.8, top_p=0.9,
-                                                                 max_new_tokens=6)
+    # the script samples as `minillama chat` does: the model file, llama.cpp's defaults for what it leaves out
+    config, _ = chat_generation_config(chat_model, dict(do_sample=True, temperature=0.8, top_p=0.9, max_new_tokens=6))
+    config = config.ending_turns(tok)
     generator = torch.Generator().manual_seed(5)  # one generator for the whole conversation, as in the script
     messages, expected = [{"role": "system", "content": "Be brief."}], ""
     for question in ("Hello", "Tell me more"):
