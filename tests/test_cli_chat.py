@@ -350,3 +350,17 @@ def test_tty_ctrl_c_stops_the_reply_and_keeps_the_session(chat_model):
     child.expect("/clear")
     child.expect(">>> ")
     exit_with_two_ctrl_c(child)
+
+
+def test_generate_ctrl_c_says_so(chat_model):
+    """Ctrl-C during `minillama generate` keeps what was printed and says why it ended (exit 130)."""
+    child = pexpect.spawn(CLI[0], [*CLI[1:], "generate", str(chat_model), "--prompt", "talk", "-n", "4000",
+                                   "--seed", "1"], encoding="utf-8", timeout=60, env={**os.environ, "TERM": "dumb"})
+    child.expect(r"\S")  # the completion has started
+    child.sendintr()
+    child.expect(STATS)
+    assert child.match.group(4) == "Ctrl-C" and 0 < int(child.match.group(1)) < 4000
+    assert "Traceback" not in child.before
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130

@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
                "--no-compile skips it)...")
         session.engine.warmup()
     interactive = sys.stdin.isatty()
+    manual_paste = interactive and setup_line_editing()
     if interactive:
-        manual_paste = setup_line_editing()
         eprint(f"minillama chat: {loaded.path} on {loaded.model.device} ({str(loaded.model.dtype)[6:]}), "
                f"loaded in {loaded.load_seconds:.1f} s; context {session.context} tokens")
         eprint(f"sampling: {describe_sampling(session.config, loaded.sampling_sources)}")
@@ -86,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
     repl = Repl(session, interactive, stats=not args.no_stats, model_name=str(args.model),
                 drop_oldest=args.drop_oldest)
     try:
-        if interactive and manual_paste:
+        if manual_paste:
             print("\x1b[?2004h", end="", flush=True)  # ask the terminal to mark pastes
         return repl.loop()
     finally:
-        if interactive and manual_paste:
+        if manual_paste:
             print("\x1b[?2004l", end="", flush=True)
 
 
