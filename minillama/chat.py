@@ -11,7 +11,8 @@ turns (never the system prompt) when the user asks for it.
 
 Sampling: `chat_generation_config` gives a chat the defaults chat users know from llama.cpp and ollama
 (`CHAT_SAMPLING`) for every sampling setting the model's generation_config.json leaves out, and says where
-every value came from. `minillama.generate` itself keeps transformers' defaults (greedy unless the model file says otherwise).
+every value came from. `minillama.generate` itself keeps transformers' defaults (greedy unless the model
+file says otherwise).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import torch
 
 from minillama.errors import MinillamaError, read_json_object
 from minillama.fast import CompiledEngine, compiled_engine_applies
-from minillama.generation import STOP_CONTEXT, STOP_EOS, STOP_LENGTH, STOP_STRING, EagerEngine, GenerationConfig, generate
+from minillama.generation import (STOP_CONTEXT, STOP_EOS, STOP_LENGTH, STOP_STRING, EagerEngine, GenerationConfig,
+                                  generate)
 from minillama.sampling import make_generator
 
 DEFAULT_CONTEXT = 8192  # KV cache slots allocated when the model's own context is longer

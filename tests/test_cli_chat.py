@@ -25,7 +25,9 @@ from minillama.sampling import make_generator
 from minillama.tokenizer import load_tokenizer
 
 CLI = [sys.executable, "-m", "minillama"]
-STATS = r"\[prompt: \d+ tokens, [\d.]+ tok/s \| reply: (\d+) tokens, [\d.]+ tok/s \| context: (\d+)/(\d+) \| stopped: ([^\]]+)\]"
+# The stats line; groups: reply tokens, context used, context size, why the reply stopped.
+STATS = (r"\[prompt: \d+ tokens, [\d.]+ tok/s \| reply: (\d+) tokens, [\d.]+ tok/s \| "
+         r"context: (\d+)/(\d+) \| stopped: ([^\]]+)\]")
 
 
 @pytest.fixture(scope="module")

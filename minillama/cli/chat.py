@@ -249,6 +249,7 @@ class Repl:
 
         session = self.session
         n_messages = len(session.messages)
+        session.last_stats = None  # a Ctrl-C before the reply starts leaves no stats to show
         try:
             if self.drop_oldest:
                 self.make_room(message)
