@@ -72,46 +72,12 @@ class LlamaConfig:
         if not isinstance(d, dict):
             raise MinillamaError(f"{source}: expected a JSON object, got {type(d).__name__}")
 
-        def fail(name: str, why: str) -> MinillamaError:
-            return MinillamaError(f"{source}: field '{name}' {why}")
-
+        fields = _Fields(d, source)
+        fail, integer, number, boolean, optional_id = (fields.fail, fields.integer, fields.number, fields.boolean,
+                                                       fields.optional_id)
         model_type = d.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise fail("model_type", f"is {model_type!r}; minillama supports {', '.join(SUPPORTED_MODEL_TYPES)}")
-
-        def integer(name: str, default: int | None = None) -> int:
-            value = d.get(name, default)
-            if value is None:
-                raise fail(name, "is missing; a Llama config.json must set it")
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise fail(name, f"must be an integer, got {value!r}")
-            if value <= 0:
-                raise fail(name, f"must be positive, got {value}")
-            if value > _LIMITS.get(name, math.inf):
-                raise fail(name, f"is {value}, larger than any real model (limit {_LIMITS[name]})")
-            return value
-
-        def number(name: str, value: Any, positive: bool = True) -> float:
-            # An int past float's range (10**400 in the file) is not finite either; isfinite would overflow.
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-                    value if isinstance(value, float) or abs(value) < 2**1023 else math.inf):
-                raise fail(name, f"must be a finite number, got {str(value)[:40]}")
-            if positive and value <= 0:
-                raise fail(name, f"must be positive, got {value}")
-            return float(value)
-
-        def boolean(name: str, default: bool) -> bool:
-            value = d.get(name, default)
-            if not isinstance(value, bool):
-                raise fail(name, f"must be true or false, got {value!r}")
-            return value
-
-        def optional_id(name: str) -> Any:
-            value = d.get(name)
-            ids = value if isinstance(value, list) else [value]
-            if any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0) for v in ids):
-                raise fail(name, f"must be a token id or a list of ids, got {value!r}")
-            return value
 
         hidden_size = integer("hidden_size")
         n_heads = integer("num_attention_heads")
@@ -183,6 +149,50 @@ _ROPE_PARAMS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
 
+
+
+class _Fields:
+    """Reads the fields of a parsed config.json, each checked, with errors that name the file and the field."""
+
+    def __init__(self, d: dict[str, Any], source: str):
+        self.d, self.source = d, source
+
+    def fail(self, name: str, why: str) -> MinillamaError:
+        return MinillamaError(f"{self.source}: field '{name}' {why}")
+
+    def integer(self, name: str, default: int | None = None) -> int:
+        value = self.d.get(name, default)
+        if value is None:
+            raise self.fail(name, "is missing; a Llama config.json must set it")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(name, f"must be an integer, got {value!r}")
+        if value <= 0:
+            raise self.fail(name, f"must be positive, got {value}")
+        if value > _LIMITS.get(name, math.inf):
+            raise self.fail(name, f"is {value}, larger than any real model (limit {_LIMITS[name]})")
+        return value
+
+    def number(self, name: str, value: Any, positive: bool = True) -> float:
+        # An int past float's range (10**400 in the file) is not finite either; isfinite would overflow.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+                value if isinstance(value, float) or abs(value) < 2**1023 else math.inf):
+            raise self.fail(name, f"must be a finite number, got {str(value)[:40]}")
+        if positive and value <= 0:
+            raise self.fail(name, f"must be positive, got {value}")
+        return float(value)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.d.get(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(name, f"must be true or false, got {value!r}")
+        return value
+
+    def optional_id(self, name: str) -> Any:
+        value = self.d.get(name)
+        ids = value if isinstance(value, list) else [value]
+        if any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0) for v in ids):
+            raise self.fail(name, f"must be a token id or a list of ids, got {value!r}")
+        return value
 
 def _read_rope(d: dict, fail, number) -> tuple[float, str, dict[str, Any]]:
     """Return (theta, rope type, that type's parameters) from either config spelling."""
