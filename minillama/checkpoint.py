@@ -12,6 +12,7 @@ import gc
 import math
 import struct
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -129,12 +130,15 @@ def check_safetensors_header(path: Path) -> dict:
 
 
 def read_weights(model_dir: Path, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype,
-                 pack: bool = False) -> dict[str, torch.Tensor]:
+                 pack: bool = False, shard: Callable[[str, Any], torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
     """Every tensor the (meta) model expects, read from the checkpoint onto `device` in `dtype`.
 
     Missing, unexpected and mis-shaped tensors are collected and reported in one error; NaN/inf is refused.
     pack: Linear weights come back in oneDNN's layout (`packing.pack_weight`) and nothing stays memory-mapped,
     so the packed copy is the only one in memory, even at the peak.
+    shard: `shard(name, safetensors_slice)` gives the part of each tensor to keep (tensor parallelism:
+    `tp.Layout.read_slice`); only that part is read, one tensor at a time. Shapes are checked whole.
     """
     config = model.config
     expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head is listed once
@@ -157,21 +161,24 @@ def read_weights(model_dir: Path, model: LlamaForCausalLM, device: torch.device,
                         problems.append(f"{name} has shape {list(shape)} but config.json implies "
                                         f"{list(expected[name])}")
                         continue
-                    state[name] = f.get_tensor(name).to(dtype) if not pack else file
+                    state[name] = f.get_tensor(name).to(dtype) if not (pack or shard) else file
             for name in [n for n, t in state.items() if t is file]:
                 # One tensor at a time from its own mapping, copied out (packed or cloned): the file's pages
                 # never pile up in this process's memory next to the packed copies.
-                with safe_open(file, framework="pt", device=str(device)) as f:
-                    t = f.get_tensor(name).to(dtype)
+                with safe_open(file, framework="pt", device=str(device) if shard is None else "cpu") as f:
+                    if shard is None:
+                        t = f.get_tensor(name).to(dtype)
+                    else:  # a view of the mapped file: copy out just this rank's part
+                        t = shard(name, f.get_slice(name)).to(device=device, dtype=dtype, copy=True)
                 _refuse_nan_or_inf(model_dir, name, t)
-                state[name] = pack_weight(t) if name in linears else t.clone()
+                state[name] = pack_weight(t) if pack and name in linears else t if shard else t.clone()
         except SafetensorError as e:
             raise MinillamaError(f"{file}: cannot read safetensors ({e}); re-download it") from None
     problems += [f"missing tensor {name}" for name in expected if name not in state]
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise MinillamaError(f"{model_dir}: weights do not match config.json: {shown}")
-    if not pack:
+    if not (pack or shard):
         for name, t in state.items():
             _refuse_nan_or_inf(model_dir, name, t)
     return state
@@ -224,7 +231,7 @@ def _gc_paused():
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, pack: bool = False) -> LlamaForCausalLM:
+               dtype: str | torch.dtype | None = None, pack: bool = False, tp: bool = False) -> LlamaForCausalLM:
     """Load a Hugging Face Llama checkpoint directory; the model comes back in eval mode.
 
     device: "cpu", "cuda", ... (default: CUDA if present, else CPU).
@@ -232,25 +239,39 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     pack:   swap the Linears for `packing.PackedLinear` (oneDNN layout) where that applies (CPU, float32):
             ~2x faster bs=1 decoding, the same names and state_dict, rounding-level differences (~1e-6).
             Elsewhere it does nothing. Off by default: a plain load is the exact reference.
+    tp:     tensor parallelism: this rank's shard of the model (`minillama.tp`), inside an initialised
+            torch.distributed process group in which every rank makes the same calls. Each rank reads only
+            its own slices of the files. On CUDA the device defaults to the process's current GPU.
     """
     model_dir = Path(path)
     if not model_dir.is_dir():
         raise MinillamaError(f"{model_dir}: not a directory; pass a model directory or a hub id")
     config = LlamaConfig.from_file(model_dir)
     device = resolve_device(device)
+    if tp and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # one GPU per rank (tp.init sets it)
     dtype = resolve_dtype(dtype, config, device)
+    plan = group = None
+    if tp:
+        from minillama import tp as tensor_parallel  # torch.distributed is imported only when used
+
+        plan, group = tensor_parallel.setup(config, device)
 
     with _gc_paused():
         with torch.device("meta"), _no_init():  # parameters without storage: filled from the checkpoint
             model = LlamaForCausalLM(config)
         pack = pack and can_pack(device, dtype)
-        state = read_weights(model_dir, model, device, dtype, pack=pack)
+        state = read_weights(model_dir, model, device, dtype, pack=pack, shard=plan and plan.read_slice)
+        if tp:
+            tensor_parallel.shard_model(model, plan, group)  # this rank's shapes, so the slices load in place
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.model.rotary_emb = LlamaRotaryEmbedding(config, device=device)  # buffers are not in checkpoints
         if pack:
             pack_linears(model)  # the Linears now hold packed weights: make them PackedLinears
+        if tp:
+            tensor_parallel.connect(model, plan, group)  # the all-reduces and the logits' all-gather, on the final modules
     # The model's own generation defaults (eos ids, sampling), which `generate` uses unless given others,
     # as transformers' `model.generation_config`.
     model.generation_config = GenerationConfig.from_model_dir(model_dir)

@@ -303,10 +303,11 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(x)  # (B, T, V)
 
     def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
-        """An empty KV cache on the model's device and dtype (default length: the model's context)."""
+        """An empty KV cache on the model's device and dtype (default length: the model's context), with as
+        many key/value heads as the attention holds (fewer than the config's on a tensor-parallel rank)."""
         c, w = self.config, self.lm_head.weight
         return KVCache(c.num_hidden_layers, batch_size, max_seq_len or c.max_position_embeddings,
-                       c.num_key_value_heads, c.head_dim, dtype=w.dtype, device=w.device)
+                       self.model.layers[0].self_attn.num_key_value_heads, c.head_dim, dtype=w.dtype, device=w.device)
 
     def set_attn_implementation(self, name: str) -> None:
         """"sdpa" (default, fused kernels) or "eager" (explicit scores and fp32 softmax)."""
