@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from minillama.cli.common import tensor_parallel_session
+
     try:
-        return args.func(args) or 0
+        with tensor_parallel_session(args):  # under torchrun: one rank of a tensor-parallel model
+            return args.func(args) or 0
     except MinillamaError as e:
         print(f"minillama: error: {e}", file=sys.stderr)
         return 2

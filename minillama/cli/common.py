@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,12 @@ def add_model_args(p: argparse.ArgumentParser, optional_model: bool = True, devi
     p.add_argument("--dtype", default=dtype, help="float32, bfloat16, float16 (default: "
                    + (dtype or "the checkpoint's on a GPU, float32 on CPU") + ")")
     p.add_argument("--offline", action="store_true", help="use only files already downloaded (also HF_HUB_OFFLINE=1)")
+    add_tp_arg(p)
+
+
+def add_tp_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, metavar="N", help="tensor parallelism over N processes: launch with "
+                   "torchrun --nproc-per-node N -m minillama ... (under torchrun it is on without this flag)")
 
 
 def add_prompt_args(p: argparse.ArgumentParser) -> None:
@@ -148,9 +156,92 @@ def load_all(args: argparse.Namespace) -> Loaded:
     tokenizer = load_tokenizer(path)
     start = time.perf_counter()
     # The eager engine on a CPU runs fastest on oneDNN-packed weights (the compiled one needs plain ones).
-    model = load_model(path, device=device, dtype=args.dtype, pack=engine == "eager")
+    model = load_model(path, device=device, dtype=args.dtype, pack=engine == "eager", tp=tensor_parallel())
     return Loaded(path, model, tokenizer, generation_config, time.perf_counter() - start, engine, sources)
 
 
 def eprint(*parts: object) -> None:
     print(*parts, file=sys.stderr, flush=True)
+
+
+# ---- Tensor parallelism under torchrun -----------------------------------------------------------------
+
+TP_COMMANDS = ("chat", "generate", "dump", "bench")
+
+
+def tensor_parallel() -> bool:
+    """Whether this process is one rank of a torchrun launch (and so loads its shard of the model)."""
+    return "WORLD_SIZE" in os.environ
+
+
+@contextlib.contextmanager
+def tensor_parallel_session(args: argparse.Namespace):
+    """Run a subcommand as one rank of a torchrun launch, or plainly without torchrun.
+
+    Under torchrun (WORLD_SIZE set) every rank joins the process group (`tp.init`), agrees on one sampling
+    seed, and reads its input lines from rank 0; only rank 0 prints. A rank's error is one line naming the
+    rank; a collective that fails because another rank died (or the MINILLAMA_TP_TIMEOUT ran out) too.
+    """
+    world, asked = os.environ.get("WORLD_SIZE"), getattr(args, "tp", None)
+    if world is None:
+        if asked not in (None, 1):
+            raise MinillamaError(f"--tp {asked} needs {asked} processes: launch with torchrun --nproc-per-node "
+                                 f"{asked} -m minillama {args.command} ...")
+        yield
+        return
+    if asked is not None and asked != int(world):
+        raise MinillamaError(f"--tp {asked}, but torchrun started {world} processes (WORLD_SIZE); give one number")
+    if args.command not in TP_COMMANDS:
+        raise MinillamaError(f"minillama {args.command} does not run tensor-parallel; run it without torchrun "
+                             f"(tensor-parallel commands: {', '.join(TP_COMMANDS)})")
+    from minillama import tp
+
+    tp.init()
+    rank = tp.rank()
+    saved = sys.stdin, sys.stdout, sys.stderr
+    try:
+        if getattr(args, "seed", 0) is None:
+            args.seed = tp.common_seed()  # every rank must draw the same tokens
+        sys.stdin = SharedStdin(sys.stdin, rank)
+        if rank != 0:
+            sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115  (closed with the process)
+        yield
+    except MinillamaError as e:
+        raise MinillamaError(f"rank {rank}: {e}" if rank else str(e)) from None
+    except Exception as e:
+        if not tp.lost_rank(e):
+            raise
+        raise MinillamaError(f"rank {rank}: lost contact with another rank (it exited, or hung past "
+                             f"MINILLAMA_TP_TIMEOUT): {tp.lost_rank_reason(e)}") from None
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved
+    tp.shutdown()
+
+
+class SharedStdin:
+    """stdin for every rank: rank 0 reads, the others receive the same text (a chat's input lines).
+
+    It travels over a gloo group of its own with a long timeout, since a person may take a while to type."""
+
+    def __init__(self, real, rank: int):
+        import datetime
+
+        import torch.distributed as dist
+
+        self.real, self.rank, self.dist = real, rank, dist
+        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+        self.tty = self._shared(lambda: real.isatty())
+
+    def _shared(self, read):
+        box = [read() if self.rank == 0 else None]
+        self.dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def readline(self) -> str:
+        return self._shared(self.real.readline)
+
+    def read(self) -> str:
+        return self._shared(self.real.read)

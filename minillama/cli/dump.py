@@ -17,7 +17,8 @@ import torch
 
 from minillama.capture import capture, select
 from minillama.checkpoint import load_model
-from minillama.cli.common import add_model_args, add_prompt_args, prompt_input_ids, resolve_model_arg
+from minillama.cli.common import (add_model_args, add_prompt_args, prompt_input_ids, resolve_model_arg,
+                                  tensor_parallel)
 from minillama.errors import MinillamaError
 from minillama.files import check_output_file, partial_path
 from minillama.model import LlamaForCausalLM
@@ -147,9 +148,13 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.out, summary_path(args.out)):  # before the slow part
         check_output_file(path, args.force)
     model_dir = resolve_model_arg(args)
-    model = load_model(model_dir, device=args.device, dtype=args.dtype)
+    model = load_model(model_dir, device=args.device, dtype=args.dtype, tp=tensor_parallel())
     text, ids = prompt_input_ids(model_dir, args.prompt, args.raw, model.config.vocab_size)
     ids = ids.to(model.device)
+    if tensor_parallel() and torch.distributed.get_rank() != 0:  # the same forward, for its collectives;
+        with torch.inference_mode():                              # rank 0 alone writes the files
+            model(ids)
+        return 0
     summary = dump_activations(model, ids, args.out, names=args.names, force=args.force,
                                metadata={"model": str(model_dir), "prompt": text})
     size = args.out.stat().st_size
