@@ -271,7 +271,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
         if pack:
             pack_linears(model)  # the Linears now hold packed weights: make them PackedLinears
         if tp:
-            tensor_parallel.connect(model, plan, group)  # the all-reduces and the logits' all-gather, on the final modules
+            tensor_parallel.connect(model, plan, group)  # the collectives, as hooks on the final modules
     # The model's own generation defaults (eos ids, sampling), which `generate` uses unless given others,
     # as transformers' `model.generation_config`.
     model.generation_config = GenerationConfig.from_model_dir(model_dir)

@@ -15,9 +15,10 @@ read (a kv head is then replicated on N / Hkv ranks). Attention runs on the rank
 `LlamaAttention.num_heads` / `num_key_value_heads` to the local counts, and the KV cache follows them.
 
 Communication is torch's own functional collectives (`torch.distributed._functional_collectives`): forward
-hooks on o_proj, down_proj and lm_head, which torch.compile traces into the compiled decode step. NCCL on
-CUDA, gloo on CPU. Each rank reads only its own slices of the checkpoint (`safe_open(...).get_slice`), one
-tensor at a time, so no rank ever holds the whole model.
+hooks on o_proj, down_proj and lm_head, which torch.compile traces into the compiled decode step; each result
+is waited for at once (the next operation needs it anyway). NCCL on CUDA, gloo on CPU. Each rank reads only
+its own slices of the checkpoint (`safe_open(...).get_slice`), one tensor at a time, so no rank ever holds
+the whole model.
 
     torch.distributed.init_process_group(...)   # or minillama.tp.init() under torchrun
     model = minillama.load_model(path, tp=True)  # this rank's shard; every rank runs the same calls
@@ -51,8 +52,8 @@ DEFAULT_TIMEOUT_S = 600  # a rank that waits this long for the others gives up (
 
 def init(timeout_s: float | None = None) -> None:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment):
-    NCCL with one GPU per process (LOCAL_RANK) when there is CUDA, gloo on CPU. Collectives that wait longer
-    than `timeout_s` (default MINILLAMA_TP_TIMEOUT or 600 s) fail instead of hanging when a rank dies."""
+    NCCL with one GPU per process (LOCAL_RANK) when there is CUDA, gloo for CPU tensors. Collectives that wait
+    longer than `timeout_s` (default MINILLAMA_TP_TIMEOUT or 600 s) fail instead of hanging when a rank dies."""
     if dist.is_initialized():
         return
     if "WORLD_SIZE" not in os.environ:
@@ -61,7 +62,9 @@ def init(timeout_s: float | None = None) -> None:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    # With CUDA: NCCL for CUDA tensors, gloo for CPU ones (a --device cpu model, the chat's input lines).
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def shutdown() -> None:
@@ -195,7 +198,7 @@ class VocabParallelEmbedding(nn.Embedding):
         local = ids - self.start  # (B, T)
         here = (local >= 0) & (local < self.num_embeddings)
         x = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight)  # (B, T, C)
-        return funcol.all_reduce(x.masked_fill(~here[..., None], 0), "sum", self.group)
+        return funcol.wait_tensor(funcol.all_reduce(x.masked_fill(~here[..., None], 0), "sum", self.group))
 
     def extra_repr(self) -> str:
         return f"rows [{self.start}, {self.start + self.num_embeddings}) of the vocabulary, {self.embedding_dim}"
@@ -233,10 +236,10 @@ def connect(model: nn.Module, plan: Layout, group: dist.ProcessGroup) -> None:
     """The collectives, as forward hooks on the (possibly packed) Linears: an all-reduce of o_proj's and
     down_proj's partial sums, an all-gather of the head's vocabulary slices. Call after any module swap."""
     def all_reduce(module, args, out):
-        return funcol.all_reduce(out, "sum", group)
+        return funcol.wait_tensor(funcol.all_reduce(out, "sum", group))
 
     def all_gather_vocab(module, args, out):  # (B, T, V/N) on each rank -> (B, T, V) on every rank
-        return funcol.all_gather_tensor(out.contiguous(), out.ndim - 1, group)
+        return funcol.wait_tensor(funcol.all_gather_single(out.contiguous(), out.ndim - 1, group))
 
     for layer in model.model.layers:
         layer.self_attn.o_proj.register_forward_hook(all_reduce)

@@ -234,9 +234,34 @@ def test_tp_needs_a_process_group(models):
         minillama.load_model(models["mqa"], device="cpu", tp=True)
 
 
-def test_tp_flag_without_torchrun(models):
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
-    proc = subprocess.run([sys.executable, "-m", "minillama", "generate", str(models["mqa"]), "--raw",
-                           "--prompt", "hi", "--tp", "2"], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 2 and "torchrun --nproc-per-node 2" in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+def test_tp_flag_checked_against_torchrun(monkeypatch):
+    from argparse import Namespace
+
+    from minillama.cli.common import tensor_parallel_session
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(MinillamaError, match="--tp 2 needs 2 processes: launch with torchrun --nproc-per-node 2"):
+        with tensor_parallel_session(Namespace(command="generate", tp=2)):
+            pass
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MinillamaError, match="--tp 3, but torchrun started 2 processes"):
+        with tensor_parallel_session(Namespace(command="generate", tp=3)):
+            pass
+    with pytest.raises(MinillamaError, match="minillama diff does not run tensor-parallel"):
+        with tensor_parallel_session(Namespace(command="diff", tp=None)):
+            pass
+
+
+def test_torchrun_generate_prints_once_and_matches_one_process(chat_model):
+    """`torchrun --nproc-per-node 2 -m minillama generate`: the same sampled reply (one seed on every
+    rank) as one process, printed once."""
+    args = ["generate", str(chat_model), "--prompt", "Name a river", "-n", "12", "--seed", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINILLAMA_TP_TIMEOUT": "60"}
+    one = subprocess.run([sys.executable, "-m", "minillama", *args], capture_output=True, text=True, env=env,
+                         timeout=120)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()), "-m", "minillama", *args], capture_output=True,
+                         text=True, env=env, timeout=180)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout and one.stdout.strip()
+    assert sum(line.startswith("[prompt:") for line in two.stderr.splitlines()) == 1  # rank 0's stats only

@@ -95,6 +95,11 @@ def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None,
     from minillama.checkpoint import resolve_device
 
     dev = resolve_device(device)
+    if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank of a tensor-parallel model
+        if sides and any(parse_side(side)[0] != "minillama" or parse_side(side)[1] for side in sides):
+            raise MinillamaError("under torchrun only the minillama side runs (transformers has no tensor "
+                                 "parallelism here); leave out --sides")
+        return run_ranks(model, config, dev, dtype, prompt_len, new_tokens, repeats, compile, seed, progress)
     sides = sides or default_sides(dev)
     variants = {side: parse_side(side)[1] for side in sides}  # checks every side before any work
     if len(set(sides)) != len(sides):
@@ -119,6 +124,63 @@ def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None,
     context = {"device": device_name,
                "dtype": base["dtype"], "model": name, "prompt_len": prompt_len, "new_tokens": new_tokens}
     return figures(results, copy["copy_gb_s"], context)
+
+
+def run_ranks(model, config, dev, dtype, prompt_len, new_tokens, repeats, compile, seed,
+              progress) -> list[dict[str, Any]]:
+    """Under torchrun: every rank runs the minillama side in its own process on its shard of the model; rank 0
+    gets every rank's figures (sides "minillama:tp=N/rank=R") and returns them, the other ranks return [].
+
+    Rank 0 writes the random checkpoint of --config into a temporary directory the others read (one node; across
+    nodes give a MODEL directory that every node has) and measures the copy bandwidth first, in a subprocess.
+    """
+    import shutil
+
+    import torch.distributed as dist
+
+    from minillama.bench.workers import reset_peak_rss, run_minillama
+    from minillama.checkpoint import resolve_dtype
+    from minillama.config import LlamaConfig
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tmp = Path(tempfile.mkdtemp(prefix="minillama-bench-")) if rank == 0 and model is None else None
+    try:
+        shared = [None]
+        if rank == 0:
+            model_dir, model_config, torch_dtype, name = _checkpoint(model, config, dtype, dev, seed, tmp, progress)
+            shared = [(str(model_dir), str(torch_dtype).removeprefix("torch."), name)]
+            reset_peak_rss()  # rank 0's peak memory is its shard's, not the random model's it just wrote
+        dist.broadcast_object_list(shared, src=0)
+        model_dir, dtype_name, name = shared[0]
+        model_config = LlamaConfig.from_file(Path(model_dir))
+        if prompt_len + new_tokens > model_config.max_position_embeddings:
+            raise MinillamaError(f"prompt {prompt_len} + {new_tokens} new tokens exceed the model's context of "
+                                 f"{model_config.max_position_embeddings}")
+        base = {"device": str(dev), "dtype": dtype_name, "model": model_dir, "prompt_len": prompt_len,
+                "new_tokens": new_tokens, "repeats": repeats, "seed": seed, "compile": compile}
+        copy = [None]
+        if rank == 0:
+            warm_page_cache(Path(model_dir))
+            progress("measuring the copy bandwidth")
+            copy = [run_worker({**base, "side": "copy"})["copy_gb_s"]]
+        dist.broadcast_object_list(copy, src=0)
+        progress(f"running minillama on {world} ranks x {torch.get_num_threads()} threads")
+        result = run_minillama({**base, "side": "minillama", "options": {}, "tp": True})
+        result["threads"] = torch.get_num_threads()
+        results = [None] * world
+        dist.all_gather_object(results, result)
+        dist.barrier()  # every rank has finished reading the checkpoint
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if rank != 0:
+        return []
+    for r, res in enumerate(results):
+        progress(f"rank {r} ({res['threads']} threads): " + summary(res))
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    context = {"device": device_name, "dtype": dtype_name, "model": name, "prompt_len": prompt_len,
+               "new_tokens": new_tokens, "ranks": world, "threads_per_rank": results[0]["threads"]}
+    return figures({f"minillama:tp={world}/rank={r}": res for r, res in enumerate(results)}, copy[0], context)
 
 
 def _checkpoint(model, config, dtype, dev, seed, tmp: Path, progress):

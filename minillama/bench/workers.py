@@ -77,6 +77,11 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
     """(peak MB, what was measured): CUDA max allocated, or this process's peak resident set on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    try:  # Linux: the peak since start or since reset_peak_rss()
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), "peak_rss"
+    except (OSError, StopIteration):
+        pass
     try:
         import resource  # Unix: the kernel's own record of the peak (psutil only sees the current RSS)
 
@@ -85,6 +90,15 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
         import psutil
 
         return psutil.Process().memory_info().rss / 2**20, "rss"
+
+
+def reset_peak_rss() -> None:
+    """Restart the peak RSS from the current one (Linux; elsewhere nothing), e.g. after writing a checkpoint."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _prompt(spec: dict[str, Any], vocab_size: int) -> torch.Tensor:
@@ -118,7 +132,8 @@ def run_minillama(spec: dict[str, Any]) -> dict[str, Any]:
     compile = device.type == "cuda" if compile is None else compile
     P, N = spec["prompt_len"], spec["new_tokens"]
     start = time.perf_counter()
-    model = load_model(spec["model"], device=device, dtype=spec["dtype"], pack=options.get("pack", not compile))
+    model = load_model(spec["model"], device=device, dtype=spec["dtype"], pack=options.get("pack", not compile),
+                       tp=spec.get("tp", False))
     _sync(device)
     load_s = time.perf_counter() - start  # the model is ready for model(ids), like from_pretrained's
     prompt = _prompt(spec, model.config.vocab_size).to(device)

@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from minillama.cli.common import add_tp_arg
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark minillama against transformers", description=__doc__)
@@ -37,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt and random weights")
     p.add_argument("--offline", action="store_true", help="use only files already downloaded")
     p.add_argument("--json", action="store_true", help="one JSON object per line, one line per figure")
+    add_tp_arg(p)
     p.add_argument("--json-file", metavar="FILE", help="also write the JSON lines to FILE (the table still prints)")
     p.set_defaults(func=run)
 
@@ -73,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
                         sides=args.sides.split(",") if args.sides else None,
                         compile={"auto": None, "on": True, "off": False}[args.compile], seed=args.seed,
                         side_timeout=args.side_timeout, time_budget=args.time_budget, progress=progress)
+    if not records:  # a rank other than 0 under torchrun: rank 0 reports every rank's figures
+        return 0
     if args.json_file:
         try:
             with open(args.json_file, "w", encoding="utf-8") as f:
