@@ -2,8 +2,9 @@
 
 One spawn per world size runs every check on three tiny random models (Llama-3.2-like GQA, Llama-2-like MHA
 with biases, one key/value head for all ranks): fp32 logits within 1e-5, 64 greedy tokens identical, each
-rank's weight bytes and peak RSS growth close to its share, the compiled decode step (2 ranks), and what the
-others see when a rank dies. Workers use one thread each.
+rank's weight bytes and peak RSS growth close to its share, and what the others see when a rank dies. Workers
+use one thread each. The compiled decode step under TP is its own test (MINILLAMA_TEST_TP_COMPILED=1: compiling
+in 2 processes costs ~45 s here); torchrun itself runs once, for `minillama generate`.
 """
 
 from __future__ import annotations
