@@ -240,8 +240,12 @@ class SharedStdin:
     def isatty(self) -> bool:
         return self.tty
 
-    def readline(self) -> str:
-        return self._shared(self.real.readline)
+    def readline(self, size: int = -1) -> str:
+        return self._shared(lambda: self.real.readline(size))
 
-    def read(self) -> str:
-        return self._shared(self.real.read)
+    def read(self, size: int = -1) -> str:
+        return self._shared(lambda: self.real.read(size))
+
+    def reconfigure(self, **options) -> None:  # the chat's errors="replace" applies to the stdin rank 0 reads
+        if self.rank == 0 and hasattr(self.real, "reconfigure"):
+            self.real.reconfigure(**options)
