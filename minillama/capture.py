@@ -119,6 +119,16 @@ def _to_transformerlens(model: LlamaForCausalLM, name: str, x: torch.Tensor) -> 
     return x
 
 
+def _from_transformerlens(model: LlamaForCausalLM, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_to_transformerlens`: a value in TransformerLens' layout back to the HF-style one."""
+    suffix = name.split(".", 3)[-1]
+    if suffix in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj_input"):
+        return x.flatten(-2)  # (B, T, heads, D) -> (B, T, heads * D)
+    if suffix in ("self_attn.q_rot", "self_attn.k_rot"):
+        return x.transpose(1, 2)  # (B, T, heads, D) -> (B, heads, T, D)
+    return x
+
+
 @dataclass
 class _Target:
     """One requested key and how to make it from the value recorded under an HF-style name."""
@@ -164,28 +174,93 @@ def capture(model: LlamaForCausalLM, names: list[str] | None = None, offload: st
     chosen = select(model, names)
     acts: dict[str, torch.Tensor] = {}
 
-    def record(hf_name: str, x: torch.Tensor) -> None:
-        x = x.detach()
-        if offload is not None:
-            x = x.to(offload)
-        for target in chosen[hf_name]:
-            value = _to_transformerlens(model, hf_name, x) if target.alias else x
-            if callback is not None:
-                callback(target.key, value)
-            else:
-                acts[target.key] = value
+    def recorder(hf_name: str) -> Tap:
+        def record(x: torch.Tensor) -> None:  # None: a capture never changes the value
+            x = x.detach()
+            if offload is not None:
+                x = x.to(offload)
+            for target in chosen[hf_name]:
+                value = _to_transformerlens(model, hf_name, x) if target.alias else x
+                if callback is not None:
+                    callback(target.key, value)
+                else:
+                    acts[target.key] = value
+        return record
 
-    handles, observed = _install_hooks(model, chosen, record)
+    with tap(model, {hf_name: recorder(hf_name) for hf_name in chosen}):
+        yield acts
+
+
+# ---- The one hook mechanism ------------------------------------------------------------------------
+# A tap is a function from the value at a name to its replacement (None: keep the value). `capture` taps
+# to record, `minillama.intervene` to replace. Where the value lives decides only how the tap is attached:
+# a module's output (a forward hook), a module's input (a forward pre-hook), or a value inside a forward
+# that no module returns (model.py's `Observable.observe`). Each returns the tap's replacement to the
+# forward, and taps on one name run in the order their `with` blocks were entered.
+
+Tap = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+def site(name: str) -> tuple[str, str, str]:
+    """Where the value of an HF-style name is found: (module path, "output" | "input" | "inside", the
+    name `observe` reports it under, for "inside")."""
+    if name in ("model.embed_tokens", "model.norm", "lm_head"):
+        return name, "output", ""
+    layer, suffix = re.fullmatch(r"(model\.layers\.\d+)\.(.+)", name).groups()
+    if suffix == "resid_pre":
+        return layer, "input", ""
+    if suffix == "resid_post":
+        return layer, "output", ""
+    if suffix == "resid_mid":
+        return layer, "inside", "resid_mid"
+    if suffix in ("self_attn.q_rot", "self_attn.k_rot", *EAGER_ONLY):
+        attention, inner = suffix.split(".")
+        return f"{layer}.{attention}", "inside", inner
+    if suffix.endswith("_input"):  # the input of o_proj / down_proj
+        return f"{layer}.{suffix.removesuffix('_input')}", "input", ""
+    return name, "output", ""
+
+
+def active_taps(model: LlamaForCausalLM) -> list[str]:
+    """The names tapped on this model right now (by capture or intervene), in the order they were tapped."""
+    return [name for taps in model.__dict__.get("_minillama_taps", []) for name in taps]
+
+
+@contextlib.contextmanager
+def tap(model: LlamaForCausalLM, taps: dict[str, Tap]) -> Iterator[None]:
+    """Run taps[name] on the value of each HF-style name in the forwards inside the `with` block.
+
+    Only the given names are hooked (a name nobody taps costs nothing), and everything is undone on exit,
+    also on error. Tapping `attn_scores` or `attn_weights` switches attention to the eager path (SDPA
+    never forms them) for the duration.
+    """
+    modules = dict(model.named_modules())
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    inside: dict[Observable, dict[str, Tap]] = {}
+    for name, fn in taps.items():
+        path, where, inner = site(name)
+        if where == "output":
+            handles.append(modules[path].register_forward_hook(lambda m, args, out, fn=fn: fn(out)))
+        elif where == "input":
+            handles.append(modules[path].register_forward_pre_hook(lambda m, args, fn=fn: _first_arg(args, fn)))
+        else:
+            inside.setdefault(modules[path], {})[inner] = fn
+    outers = {module: _set_observer(module, fns) for module, fns in inside.items()}
     attention = [layer.self_attn for layer in model.model.layers]
     saved_impl = [a.attn_implementation for a in attention]
-    if any(key.endswith(EAGER_ONLY) for key in chosen):
+    if any(name.endswith(EAGER_ONLY) for name in taps):
         model.set_attn_implementation("eager")  # every layer: the mask is built for all or none
+    registry, entry = model.__dict__.setdefault("_minillama_taps", []), list(taps)  # read by fast.CompiledEngine
+    registry.append(entry)
     try:
-        yield acts
+        yield
     finally:
+        registry.remove(entry)
+        if not registry:
+            del model.__dict__["_minillama_taps"]
         for handle in handles:
             handle.remove()
-        for module, outer in observed.items():
+        for module, outer in outers.items():
             if outer is None:
                 del module.observer  # back to the class default, None
             else:
@@ -194,52 +269,23 @@ def capture(model: LlamaForCausalLM, names: list[str] | None = None, offload: st
             a.attn_implementation = impl
 
 
-def _install_hooks(model: LlamaForCausalLM, chosen: dict[str, list[_Target]],
-                   record: Callable[[str, torch.Tensor], None]):
-    """Hook only what was asked for (a name that nobody captures costs nothing): forward hooks for module
-    outputs and inputs, observers for values inside a forward. Returns the hook handles and, per observed
-    module, the observer it had before (None, or an outer capture's)."""
-    modules = dict(model.named_modules())
-    handles: list[torch.utils.hooks.RemovableHandle] = []
-    observed: dict[Observable, object] = {}
+def _first_arg(args: tuple, fn: Tap) -> tuple | None:
+    """A pre-hook's result: the arguments with the first one replaced, or None to keep them."""
+    x = fn(args[0])
+    return None if x is None else (x, *args[1:])
 
-    def hook_output(path: str, key: str) -> None:
-        handles.append(modules[path].register_forward_hook(lambda m, args, out: record(key, out)))
 
-    def hook_input(path: str, key: str) -> None:
-        handles.append(modules[path].register_forward_pre_hook(lambda m, args: record(key, args[0])))
+def _set_observer(module: Observable, fns: dict[str, Tap]) -> object:
+    """Give `module` an observer that runs the taps of an outer `with` first, then fns. Returns the
+    observer it had before (None, or an outer block's), to put back on exit."""
+    outer = module.__dict__.get("observer")
 
-    def observe(path: str) -> None:
-        module = modules[path]
-        if module in observed:
-            return
-        outer = module.__dict__.get("observer")
-        observed[module] = outer
+    def observer(m: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+        if outer is not None:
+            x = outer(m, name, x)
+        fn = fns.get(name)
+        y = None if fn is None else fn(x)
+        return x if y is None else y
 
-        def observer(m: nn.Module, name: str, x: torch.Tensor) -> None:
-            key = f"{path}.{name}"
-            if key in chosen:
-                record(key, x)
-            if outer is not None:  # a capture around this one still gets its values
-                outer(m, name, x)
-
-        module.observer = observer
-
-    for key in chosen:
-        if key in ("model.embed_tokens", "model.norm", "lm_head"):
-            hook_output(key, key)
-            continue
-        layer, suffix = re.fullmatch(r"(model\.layers\.\d+)\.(.+)", key).groups()
-        if suffix == "resid_pre":
-            hook_input(layer, key)
-        elif suffix == "resid_post":
-            hook_output(layer, key)
-        elif suffix == "resid_mid":
-            observe(layer)
-        elif suffix in ("self_attn.q_rot", "self_attn.k_rot", *EAGER_ONLY):
-            observe(f"{layer}.self_attn")
-        elif suffix.endswith("_input"):  # the input of o_proj / down_proj
-            hook_input(f"{layer}.{suffix.removesuffix('_input')}", key)
-        else:
-            hook_output(key, key)
-    return handles, observed
+    module.observer = observer
+    return outer

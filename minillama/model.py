@@ -26,16 +26,17 @@ from minillama.kv_cache import KVCache, LayerKVCache
 
 
 class Observable(nn.Module):
-    """A module that can report values computed inside its forward to `minillama.capture`.
+    """A module whose forward passes values computed inside it through `observe`, where
+    `minillama.capture` can record them and `minillama.intervene` can replace them.
 
-    `observer` stays None unless a capture is active, so the check costs nothing measurable.
+    `observer` stays None unless one of them is active: `observe` then returns x itself, at no measurable cost.
     """
 
-    observer: Callable[[nn.Module, str, torch.Tensor], None] | None = None
+    observer: Callable[[nn.Module, str, torch.Tensor], torch.Tensor] | None = None
 
-    def observe(self, name: str, x: torch.Tensor) -> None:
-        if self.observer is not None:
-            self.observer(self, name, x)
+    def observe(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x, or what the active observer replaces it with."""
+        return x if self.observer is None else self.observer(self, name, x)
 
 
 class LlamaRMSNorm(nn.Module):
@@ -176,8 +177,7 @@ class LlamaAttention(Observable):
         k = self.k_proj(x).view(B, T, self.num_key_value_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.num_key_value_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
-        self.observe("q_rot", q)
-        self.observe("k_rot", k)
+        q, k = self.observe("q_rot", q), self.observe("k_rot", k)  # before the cache: patched keys are stored
         if cache is not None:
             k, v = cache.update(input_pos, k, v)  # (B, Hkv, S, D): earlier tokens' keys/values too
 
@@ -197,9 +197,9 @@ class LlamaAttention(Observable):
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, D)
         scores = (q @ k.transpose(2, 3)) * self.scaling  # (B, H, T, S)
         scores = scores.masked_fill(~mask, float("-inf"))
-        self.observe("attn_scores", scores)
+        scores = self.observe("attn_scores", scores)
         weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, H, T, S), rows sum to 1
-        self.observe("attn_weights", weights)
+        weights = self.observe("attn_weights", weights)
         return weights @ v  # (B, H, T, D)
 
 
@@ -230,8 +230,7 @@ class LlamaDecoderLayer(Observable):
         residual = x  # (B, T, C)
         x = self.input_layernorm(x)
         x = self.self_attn(x, cos, sin, mask, cache, input_pos)
-        x = residual + x
-        self.observe("resid_mid", x)
+        x = self.observe("resid_mid", residual + x)
 
         residual = x
         x = self.post_attention_layernorm(x)
