@@ -13,6 +13,8 @@ from minillama.config import LlamaConfig
 from minillama.errors import MinillamaError
 from minillama.generation import GenerationConfig, generate
 from minillama.hub import resolve_model
+from minillama.intervene import intervene as intervene  # noqa: PLC0414  (the function, like pipeline below)
+from minillama.intervene import patching, steer
 from minillama.kv_cache import KVCache
 from minillama.model import LlamaForCausalLM
 from minillama.pipeline import ChatPipeline
@@ -20,4 +22,5 @@ from minillama.pipeline import pipeline as pipeline  # noqa: PLC0414  (the funct
 from minillama.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["ChatPipeline", "GenerationConfig", "KVCache", "LlamaConfig", "LlamaForCausalLM", "MinillamaError",
-           "Tokenizer", "capture", "generate", "load_model", "load_tokenizer", "pipeline", "resolve_model"]
+           "Tokenizer", "capture", "generate", "intervene", "load_model", "load_tokenizer", "patching", "pipeline",
+           "resolve_model", "steer"]

@@ -22,6 +22,7 @@ import warnings
 import torch
 from torch import nn
 
+from minillama.capture import active_taps
 from minillama.errors import MinillamaError
 from minillama.model import LlamaForCausalLM
 from minillama.packing import is_packed
@@ -97,6 +98,9 @@ class CompiledEngine(nn.Module):
         a prompt by the plain forward."""
         if position_ids is not None or key_padding_mask is not None or ids.shape[0] != 1:
             raise MinillamaError("the compiled engine runs one unpadded prompt; use engine='eager' for batches")
+        if active_taps(self.model):  # a graph compiled before the hooks never runs them, so refuse them
+            raise MinillamaError(f"the compiled engine cannot run capture/intervene/steer hooks "
+                                 f"({active_taps(self.model)[0]} is hooked); use engine='eager'")
         if ids.shape[1] > 1:
             return self.model(ids, cache=self.cache, input_pos=input_pos, logits_to_keep=1)[:, -1]
         self.token.copy_(ids)

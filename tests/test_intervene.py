@@ -1,0 +1,192 @@
+"""Interventions: ablation and patching against transformers with plain forward hooks, bit-identical
+self-patching, the KV cache after a patched prefill, steering, the compiled engine's refusal, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import minillama
+from minillama.capture import activation_names
+from minillama.intervene import add, logit_difference, mean, patch, zero
+
+CLEAN = torch.tensor([[3, 17, 42, 99, 5, 200, 7, 64, 128, 1]])  # (1, 10)
+CORRUPTED = torch.tensor([[3, 17, 250, 99, 5, 200, 7, 64, 128, 1]])  # differs at position 2
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama32):
+    torch.set_num_threads(1)  # many tiny ops: OpenMP barriers cost more than they give on a loaded machine
+    return minillama.load_model(tiny_llama32, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_llama32):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_llama32, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def hf_logits(hf, ids, module, hook, pre: bool = False) -> torch.Tensor:
+    """transformers' logits with one plain PyTorch hook on `module` (a pre-hook sees args and kwargs)."""
+    handle = (module.register_forward_pre_hook(hook, with_kwargs=True) if pre
+              else module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            return hf(ids).logits
+    finally:
+        handle.remove()
+
+
+def test_zero_ablating_an_mlp_equals_transformers(model, hf):
+    ref = hf_logits(hf, CLEAN, hf.model.layers[1].mlp, lambda m, args, out: torch.zeros_like(out))
+    with torch.no_grad(), minillama.intervene(model, {"model.layers.1.mlp.down_proj": zero()}):
+        ours = model(CLEAN)
+    assert_close(ours, ref, rtol=0, atol=1e-5)
+    assert not torch.allclose(ours, model(CLEAN).detach(), atol=1e-3)  # the ablation did something
+
+
+def test_zero_ablating_one_head_equals_transformers(model, hf):
+    D = model.config.head_dim
+
+    def zero_head(m, args, kwargs):  # o_proj's input: heads side by side, head 1 is channels [D, 2D)
+        z = args[0].clone()
+        z[..., D:2 * D] = 0
+        return (z, *args[1:]), kwargs
+
+    ref = hf_logits(hf, CLEAN, hf.model.layers[0].self_attn.o_proj, zero_head, pre=True)
+    with torch.no_grad():
+        with minillama.intervene(model, {"model.layers.0.self_attn.o_proj_input": zero(head=1)}):
+            ours = model(CLEAN)
+        with minillama.intervene(model, {"blocks.0.attn.hook_z": zero(head=1)}):  # the alias, (B, T, H, D)
+            alias = model(CLEAN)
+    assert_close(ours, ref, rtol=0, atol=1e-5)
+    assert torch.equal(alias, ours)
+
+
+def test_patching_resid_pre_at_one_position_equals_transformers(model, hf):
+    layer, position = 1, 2
+    with torch.no_grad():
+        clean_hidden = hf(CLEAN, output_hidden_states=True).hidden_states[layer]  # resid_pre of `layer`
+
+    def patch_position(m, args, kwargs):
+        x = args[0].clone()
+        x[:, position] = clean_hidden[:, position]
+        return (x, *args[1:]), kwargs
+
+    ref = hf_logits(hf, CORRUPTED, hf.model.layers[layer], patch_position, pre=True)
+    name = f"model.layers.{layer}.resid_pre"
+    with torch.no_grad():
+        with minillama.capture(model, [name]) as clean:
+            model(CLEAN)
+        with minillama.intervene(model, {name: patch(clean[name], position=position)}):
+            ours = model(CORRUPTED)
+    assert_close(ours, ref, rtol=0, atol=1e-5)
+
+    # the patching grid's cell for (layer, position) is the same run, scored
+    metric = logit_difference(5, 9)
+    grid = minillama.patching(model, CLEAN, CORRUPTED, ["resid_pre", "hook_attn_out"], metric)
+    assert grid.scores.shape == (2, 2, 10) and grid.layers == [0, 1]
+    assert_close(grid.scores[0, layer, position], metric(ours[0, -1]), rtol=0, atol=1e-5)
+    assert_close(grid.scores[0, 0, 0], torch.tensor(grid.corrupted), rtol=0, atol=1e-5)  # the same token there
+    assert_close(torch.tensor(grid.clean), metric(model(CLEAN)[0, -1]), rtol=0, atol=1e-5)
+
+
+def test_patching_a_run_with_its_own_activations_is_bit_identical(model):
+    names = activation_names(model)  # every value, the attention pattern included (eager attention)
+    with torch.no_grad():
+        with minillama.capture(model, names) as acts:
+            plain = model(CLEAN)
+        with minillama.intervene(model, {name: patch(acts[name]) for name in names}):
+            patched = model(CLEAN)
+        with minillama.intervene(model, {"model.layers.*.resid_pre": lambda x: x.clone(),
+                                         "blocks.*.attn.hook_z": lambda x: x + 0.0,
+                                         "model.embed_tokens": acts["model.embed_tokens"]}):  # a tensor replaces
+            also = model(CLEAN)
+        sdpa = model(CLEAN)  # no pattern was tapped: SDPA, not the eager path the full capture took
+    assert torch.equal(patched, plain) and torch.equal(also, sdpa)
+
+
+def test_mean_ablation_positions_and_nested_capture(model):
+    name = "model.layers.0.mlp.down_proj"
+    with torch.no_grad(), minillama.intervene(model, {name: mean(position=[1, 3])}):
+        with minillama.capture(model, [name]) as inner:  # entered later: sees the edited value
+            model(CLEAN)
+    with torch.no_grad(), minillama.capture(model, [name]) as plain:
+        model(CLEAN)
+    edited, x = inner[name], plain[name]
+    assert_close(edited[:, [1, 3]], x.mean(dim=(0, 1)).expand(2, -1)[None])
+    assert torch.equal(edited[:, [0, 2, 4]], x[:, [0, 2, 4]])
+
+
+def test_patched_prefill_writes_patched_keys_and_values_to_the_cache(model):
+    """Prefill under an intervention, decode after it: the step reads the patched layer-1 keys/values."""
+    T = CLEAN.shape[1]
+    step = torch.tensor([[77]])
+    with torch.no_grad():
+        cache = model.new_cache(1, 16)
+        with minillama.intervene(model, {"model.layers.0.mlp.down_proj": zero(),
+                                         "model.layers.0.self_attn.k_rot": zero(head=1)}):
+            model(CLEAN, cache=cache)
+        decoded = model(step, cache=cache, input_pos=T)[0, -1]
+        assert (cache[0].k[:, 1, :T] == 0).all() and (cache[0].k[:, 0, :T] != 0).all()
+        # the reference: one forward over prompt + step with the same edits on the prompt's positions only
+        prompt = list(range(T))
+        with minillama.intervene(model, {"model.layers.0.mlp.down_proj": zero(position=prompt),
+                                         "blocks.0.attn.hook_rot_k": zero(head=1, position=prompt)}):
+            full = model(torch.cat([CLEAN, step], dim=1))[0, -1]
+        unpatched = model(torch.cat([CLEAN, step], dim=1))[0, -1]
+    assert_close(decoded, full, rtol=0, atol=1e-5)
+    assert not torch.allclose(decoded, unpatched, atol=1e-3)
+
+
+def greedy(model, **options) -> list[int]:
+    return list(minillama.generate(model, CLEAN[0].tolist(), do_sample=False, max_new_tokens=8, **options))
+
+
+def test_steering_changes_greedy_text_and_scale_zero_does_not(model):
+    vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    plain = greedy(model, engine="eager")
+    with minillama.steer(model, "model.layers.0.resid_post", vector, scale=0.0):
+        assert greedy(model, engine="eager") == plain
+    with minillama.steer(model, "model.layers.0.resid_post", vector, scale=50.0):
+        steered = greedy(model, engine="eager")
+    assert steered != plain
+    with minillama.intervene(model, {"blocks.0.hook_resid_post": add(vector, 50.0)}):  # the same, by alias
+        assert greedy(model, engine="eager") == steered
+    with pytest.raises(minillama.MinillamaError, match=r"model\.layers\.0\.resid_post is hooked\); use engine='eager'"):
+        with minillama.steer(model, "model.layers.0.resid_post", vector, scale=50.0):
+            greedy(model, engine="compiled")
+    assert greedy(model, engine="eager") == plain  # nothing left behind
+
+
+def no_hooks_left(model) -> bool:
+    return "_minillama_taps" not in model.__dict__ and all(
+        not m._forward_hooks and not m._forward_pre_hooks and "observer" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("edits, message", [
+    ({"model.layers.*.nothing": zero()}, "no activation is named 'model.layers.*.nothing'"),
+    ({"model.layers.0.*": zero(), "*.resid_pre": zero()}, "model.layers.0.resid_pre is matched by both"),
+    ({"model.layers.0.resid_pre": "zero"}, "the edit for 'model.layers.0.resid_pre' is a str"),
+    ({"model.layers.0.resid_pre": zero(head=0)}, "model.layers.0.resid_pre has none"),
+    ({"model.layers.0.resid_pre": torch.zeros(3)}, "a tensor of shape (3,) cannot replace"),
+    ({"model.layers.0.resid_pre": lambda x: x[0]}, "must return a tensor of shape (1, 10, 64)"),
+    ({"model.layers.0.resid_pre": add(torch.ones(5))}, "cannot apply add to model.layers.0.resid_pre"),
+])
+def test_bad_edits_are_one_line_errors_and_leave_no_hooks(model, edits, message):
+    with pytest.raises(minillama.MinillamaError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("*", r"\*")):
+        with torch.no_grad(), minillama.intervene(model, edits):
+            model(CLEAN)
+    assert no_hooks_left(model)
+
+
+def test_patching_checks_its_inputs(model):
+    with pytest.raises(minillama.MinillamaError, match="clean prompt has 10 tokens and the corrupted one 9"):
+        minillama.patching(model, CLEAN, CORRUPTED[:, 1:], answers=(1, 2))
+    with pytest.raises(minillama.MinillamaError, match="needs a metric, or answers="):
+        minillama.patching(model, CLEAN, CORRUPTED)
+    with pytest.raises(minillama.MinillamaError, match="'resid' is not one"):
+        minillama.patching(model, CLEAN, CORRUPTED, ["resid"], answers=(1, 2))
