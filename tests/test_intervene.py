@@ -15,9 +15,17 @@ CLEAN = torch.tensor([[3, 17, 42, 99, 5, 200, 7, 64, 128, 1]])  # (1, 10)
 CORRUPTED = torch.tensor([[3, 17, 250, 99, 5, 200, 7, 64, 128, 1]])  # differs at position 2
 
 
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tiny models gain nothing from threads; on a loaded 2-core machine they lose (OpenMP barriers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(before if request.node.get_closest_marker("slow") else 1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model(tiny_llama32):
-    torch.set_num_threads(1)  # many tiny ops: OpenMP barriers cost more than they give on a loaded machine
     return minillama.load_model(tiny_llama32, device="cpu", dtype="float32")
 
 
@@ -190,3 +198,65 @@ def test_patching_checks_its_inputs(model):
         minillama.patching(model, CLEAN, CORRUPTED)
     with pytest.raises(minillama.MinillamaError, match="'resid' is not one"):
         minillama.patching(model, CLEAN, CORRUPTED, ["resid"], answers=(1, 2))
+
+
+# ---- The command line ------------------------------------------------------------------------------
+
+def test_steer_flag_on_generate(chat_model, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from minillama.cli import main
+
+    vector = tmp_path / "v.safetensors"
+    save_file({"v": torch.randn(32, generator=torch.Generator().manual_seed(0))}, vector)
+    base = ["generate", str(chat_model), "--raw", "--prompt", "Hello", "--greedy", "-n", "6"]
+    replies = []
+    for extra in ([], ["--steer", f"model.layers.0.resid_post={vector}:0"], ["--steer", f"blocks.0.hook_resid_post={vector}:80"]):
+        assert main(base + extra) == 0
+        replies.append(capsys.readouterr().out)
+    assert replies[1] == replies[0] and replies[2] != replies[0]
+    for extra, message in [(["--steer", "model.layers.0.resid_post"], "expected NAME=FILE.safetensors[:SCALE]"),
+                           (["--steer", f"model.layers.0.resid_post={tmp_path}/none.safetensors"], "no steering vector file"),
+                           (["--steer", f"model.layers.0.resid_post={vector}", "--engine", "compiled"], "drop --engine compiled")]:
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_patch_cli_json_plot_and_errors(chat_model, tmp_path, capsys):
+    import json
+
+    from minillama.cli import main
+
+    plot = tmp_path / "grid.png"
+    args = ["patch", str(chat_model), "--clean", "The cat sat", "--corrupted", "The dog sat", "--answers", " on", " in"]
+    assert main(args + ["--json", "--plot", str(plot), "--names", "resid_pre", "hook_mlp_out"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    T = len(out["clean_tokens"])
+    assert out["layers"] == [0, 1] and set(out["grid"]) == {"resid_pre", "hook_mlp_out"}
+    assert [len(row) for row in out["grid"]["resid_pre"]] == [T, T]
+    assert out["grid"]["resid_pre"][0][0] == pytest.approx(out["corrupted"], abs=1e-5)  # the same first token
+    assert plot.stat().st_size > 1000
+    assert main(args) == 0
+    assert "resid_pre: one row per layer" in capsys.readouterr().out
+    assert main(["patch", str(chat_model), "--clean", "The cat sat", "--corrupted", "A dog", "--answers", " on", " in"]) == 2
+    assert "reword one" in capsys.readouterr().err
+    assert main(args[:-2] + [" antidisestablishmentarianism", " in"]) == 2
+    assert "give answers of one token each" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_patching_smollm2_shows_where_the_answer_moves(smollm2_dir):
+    """On the real model the fact sits at the subject's tokens up to layer 23 and at the last token from
+    layer 24 on (docs/interpretability.md shows the whole grid)."""
+    from minillama.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_dir)
+    model = minillama.load_model(smollm2_dir, device="cpu", dtype="float32")
+    clean, corrupted = (tokenizer.encode(text) for text in ("The Eiffel Tower is in the city of",
+                                                            "The Colosseum is in the city of"))
+    answers = tuple(tokenizer.encode(a, add_special_tokens=False)[0] for a in (" Paris", " Rome"))
+    result = minillama.patching(model, clean, corrupted, layers=[23, 24], answers=answers)
+    assert result.clean > 2 and result.corrupted < -8  # the model knows both facts
+    before, after = result.scores[0]  # (T,) each, at layers 23 and 24
+    assert before[2] > 0 and before[-1] < -5  # "iffel" carries Paris at layer 23; the last token not yet
+    assert after[2] < -8 and after[-1] > 0  # at layer 24 it has moved to the last token

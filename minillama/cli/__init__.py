@@ -14,7 +14,7 @@ import sys
 from minillama.errors import MinillamaError
 
 # Subcommand modules, in the order `minillama --help` lists them.
-SUBCOMMANDS = ["chat", "generate", "convert", "inspect", "dump", "diff", "lens", "bench"]
+SUBCOMMANDS = ["chat", "generate", "convert", "inspect", "dump", "diff", "lens", "patch", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from minillama.cli.common import add_model_args, add_sampling_args, eprint, load_all
+from minillama.cli.common import add_model_args, add_sampling_args, add_steer_args, eprint, load_all
 from minillama.errors import MinillamaError
 from minillama.files import read_json, read_json_object
 
@@ -50,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_sampling_args(p)
+    add_steer_args(p)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--context", type=int, help="most tokens the conversation may hold (default: the model's, "
                                                "at most 8192)")
@@ -63,6 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from minillama.chat import ChatSession, describe_sampling
+    from minillama.intervene import steering
 
     if args.context is not None and args.context < 2:
         raise MinillamaError(f"--context must be at least 2 tokens, got {args.context}")
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if manual_paste:
             print("\x1b[?2004h", end="", flush=True)  # ask the terminal to mark pastes
-        return repl.loop()
+        with steering(loaded.model, args.steer):
+            return repl.loop()
     finally:
         if manual_paste:
             print("\x1b[?2004l", end="", flush=True)

@@ -101,8 +101,19 @@ def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> Non
                    help="the same as --engine eager: no compile wait at the start on a GPU, slower decoding")
 
 
+def add_steer_args(p: argparse.ArgumentParser) -> None:
+    """--steer NAME=FILE.safetensors[:SCALE]: a vector added to an activation on every token (intervene.py)."""
+    p.add_argument("--steer", action="append", metavar="NAME=FILE[:SCALE]",
+                   help="add SCALE (default 1) x the vector in FILE.safetensors to the activation NAME (names as in "
+                        "minillama dump, e.g. model.layers.4.resid_post) on every token; repeatable; eager engine")
+
+
 def engine_choice(args: argparse.Namespace, device: torch.device, rope_type: str | None) -> str:
     """The engine the flags ask for, or the default for this device and model."""
+    if getattr(args, "steer", None):  # hooks run on the eager engine only (the compiled one refuses them)
+        if getattr(args, "engine", None) == "compiled":
+            raise MinillamaError("--steer runs on the eager engine; drop --engine compiled")
+        return "eager"
     if getattr(args, "no_compile", False):
         if getattr(args, "engine", None) == "compiled":
             raise MinillamaError("--no-compile contradicts --engine compiled; give one of them")

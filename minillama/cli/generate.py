@@ -7,7 +7,7 @@ import sys
 import time
 
 from minillama.cli.chat import clean_text
-from minillama.cli.common import add_model_args, add_sampling_args, eprint, load_all
+from minillama.cli.common import add_model_args, add_sampling_args, add_steer_args, eprint, load_all
 from minillama.errors import MinillamaError
 from minillama.sampling import make_generator
 
@@ -17,6 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__)
     add_model_args(p)
     add_sampling_args(p)
+    add_steer_args(p)
     p.add_argument("--prompt", "-p", required=True, help="the user message (or the raw text with --raw); "
                                                          "- reads it from stdin")
     p.add_argument("--system", help="system prompt (chat template only)")
@@ -40,6 +41,7 @@ def read_stdin_prompt() -> str:
 def run(args: argparse.Namespace) -> int:
     from minillama.chat import STOP_INTERRUPTED, TurnStats
     from minillama.generation import generate
+    from minillama.intervene import steering
 
     prompt = clean_text(read_stdin_prompt() if args.prompt == "-" else args.prompt)
     args.system = clean_text(args.system) if args.system else args.system
@@ -64,9 +66,10 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     first = None
     try:
-        for token in generation:
-            first = first or time.perf_counter()
-            print(stream.push(token), end="", flush=True)
+        with steering(loaded.model, args.steer):
+            for token in generation:
+                first = first or time.perf_counter()
+                print(stream.push(token), end="", flush=True)
         print(stream.flush(), flush=True)
     except KeyboardInterrupt:  # stopped by Ctrl-C: still say what was made and why it ended
         print(flush=True)
