@@ -3,6 +3,8 @@ self-patching, the KV cache after a patched prefill, steering, the compiled engi
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -211,15 +213,19 @@ def test_steer_flag_on_generate(chat_model, tmp_path, capsys):
     save_file({"v": torch.randn(32, generator=torch.Generator().manual_seed(0))}, vector)
     base = ["generate", str(chat_model), "--raw", "--prompt", "Hello", "--greedy", "-n", "6"]
     replies = []
-    for extra in ([], ["--steer", f"model.layers.0.resid_post={vector}:0"], ["--steer", f"blocks.0.hook_resid_post={vector}:80"]):
+    for extra in ([], ["--steer", f"model.layers.0.resid_post={vector}:0"],
+                  ["--steer", f"blocks.0.hook_resid_post={vector}:80"]):
         assert main(base + extra) == 0
         replies.append(capsys.readouterr().out)
     assert replies[1] == replies[0] and replies[2] != replies[0]
-    for extra, message in [(["--steer", "model.layers.0.resid_post"], "expected NAME=FILE.safetensors[:SCALE]"),
-                           (["--steer", f"model.layers.0.resid_post={tmp_path}/none.safetensors"], "no steering vector file"),
-                           (["--steer", f"model.layers.0.resid_post={vector}", "--engine", "compiled"], "drop --engine compiled")]:
+    name = "model.layers.0.resid_post"
+    for extra, message in [(["--steer", name], "expected NAME=FILE.safetensors[:SCALE]"),
+                           (["--steer", f"{name}={tmp_path}/none.safetensors"], "no steering vector file"),
+                           (["--steer", f"{name}={vector}", "--engine", "compiled"], "drop --engine compiled")]:
         assert main(base + extra) == 2
         assert message in capsys.readouterr().err
+    assert main(["chat", str(chat_model), "--steer", "nothing"]) == 2  # chat takes the same flag
+    assert "expected NAME=FILE.safetensors[:SCALE]" in capsys.readouterr().err
 
 
 def test_patch_cli_json_plot_and_errors(chat_model, tmp_path, capsys):
@@ -238,10 +244,14 @@ def test_patch_cli_json_plot_and_errors(chat_model, tmp_path, capsys):
     assert plot.stat().st_size > 1000
     assert main(args) == 0
     assert "resid_pre: one row per layer" in capsys.readouterr().out
-    assert main(["patch", str(chat_model), "--clean", "The cat sat", "--corrupted", "A dog", "--answers", " on", " in"]) == 2
+    assert main(args[:2] + ["--clean", "The cat sat", "--corrupted", "A dog"] + args[-3:]) == 2
     assert "reword one" in capsys.readouterr().err
     assert main(args[:-2] + [" antidisestablishmentarianism", " in"]) == 2
     assert "give answers of one token each" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as mp:  # no matplotlib: said before any work (the model is never read)
+        mp.setitem(sys.modules, "matplotlib", None)
+        assert main(["patch", str(tmp_path / "absent")] + args[2:] + ["--plot", str(plot)]) == 2
+    assert "pip install 'minillama[plot]'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
