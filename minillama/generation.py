@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from minillama.capture import active_taps
 from minillama.errors import MinillamaError, read_json_object
 from minillama.fast import compiled_engine_applies, compiled_engine_for
 from minillama.sampling import SamplingSettings, check_sampling_args, make_generator, next_token, seen_tokens
@@ -167,8 +168,8 @@ def _pick_engine(model: torch.nn.Module, engine: Any, B: int, padded: bool, need
     """The engine a `generate` call runs on: the one given, or a new one of the named kind."""
     if engine is not None and not isinstance(engine, str):
         return engine  # a running engine (a chat's): it holds the tokens before input_pos
-    if engine is None:  # compiled where it pays: one unpadded prompt on a GPU
-        applies = B == 1 and not padded and compiled_engine_applies(model)
+    if engine is None:  # compiled where it pays: one unpadded prompt on a GPU, no capture/intervene hooks
+        applies = B == 1 and not padded and compiled_engine_applies(model) and not active_taps(model)
         engine = "compiled" if applies and model.device.type == "cuda" else "eager"
     if engine == "eager":  # a cache just long enough for this call (the last token is never fed back)
         return EagerEngine(model, model.new_cache(B, needed))

@@ -180,7 +180,8 @@ def _edit_tap(model: LlamaForCausalLM, hf_name: str, key: str, alias: bool, edit
 def steer(model: LlamaForCausalLM, name: str, vector: torch.Tensor, scale: float = 1.0):
     """A `with` block in which scale * vector is added to the activation(s) `name` on every forward:
     `with minillama.steer(model, "model.layers.4.resid_post", v, 8.0): minillama.generate(...)`.
-    Runs on the eager engine; the compiled one refuses hooked models (it would not run the hooks)."""
+    generate() then picks the eager engine by default; the compiled one refuses hooked models (its graph
+    would not run the hooks)."""
     if not isinstance(vector, torch.Tensor) or not vector.is_floating_point():
         raise MinillamaError(f"a steering vector must be a floating-point tensor, got {type(vector).__name__}")
     return intervene(model, {name: add(vector, scale)})
