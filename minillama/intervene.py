@@ -31,9 +31,11 @@ import torch
 
 from minillama.capture import LAYER_NAMES, _from_transformerlens, _to_transformerlens, capture, select, tap
 from minillama.errors import MinillamaError
+from minillama.files import one_line, read_bytes
 from minillama.model import LlamaForCausalLM
 
 Position = int | slice | Sequence[int]
+VECTOR_FILE_LIMIT = 64 * 1024**2  # a steering vector file (one hidden-size vector: 2-32 KB)
 
 
 @dataclass(frozen=True)
@@ -204,14 +206,13 @@ def parse_steer(spec: str) -> tuple[str, Path, float]:
 def read_vector(path: Path, name: str) -> torch.Tensor:
     """A steering vector from a safetensors file: its only tensor, or the one stored under `name`."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    if not Path(path).is_file():
-        raise MinillamaError(f"no steering vector file {path}")
+    data = read_bytes(path, VECTOR_FILE_LIMIT, "steering vector file")  # regular files only, size-limited
     try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise MinillamaError(f"{path} is not a readable safetensors file ({e})") from None
+        tensors = load(data)
+    except (SafetensorError, ValueError) as e:
+        raise MinillamaError(f"{path} is not a readable safetensors file ({one_line(e)})") from None
     if len(tensors) != 1 and name not in tensors:
         raise MinillamaError(f"{path} holds {len(tensors)} tensors and none is named {name!r}; "
                              "save one tensor, or store it under the activation's name")

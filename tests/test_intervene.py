@@ -218,9 +218,12 @@ def test_steer_flag_on_generate(chat_model, tmp_path, capsys):
         assert main(base + extra) == 0
         replies.append(capsys.readouterr().out)
     assert replies[1] == replies[0] and replies[2] != replies[0]
-    name = "model.layers.0.resid_post"
+    name, junk = "model.layers.0.resid_post", tmp_path / "junk"
+    junk.write_bytes(b"\x08" + bytes(20))
     for extra, message in [(["--steer", name], "expected NAME=FILE.safetensors[:SCALE]"),
-                           (["--steer", f"{name}={tmp_path}/none.safetensors"], "no steering vector file"),
+                           (["--steer", f"{name}={tmp_path}/none.safetensors"], "none.safetensors: no such file"),
+                           (["--steer", f"{name}={tmp_path}"], "give a regular steering vector file"),
+                           (["--steer", f"{name}={junk}:2"], "junk is not a readable safetensors file"),
                            (["--steer", f"{name}={vector}", "--engine", "compiled"], "drop --engine compiled")]:
         assert main(base + extra) == 2
         assert message in capsys.readouterr().err
