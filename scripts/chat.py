@@ -29,7 +29,7 @@ from minillama import GenerationConfig, LlamaForCausalLM, MinillamaError, Tokeni
 from minillama import load_model, load_tokenizer, resolve_model
 from minillama.chat import chat_generation_config, describe_sampling, why_stopped
 from minillama.hub import DEFAULT_MODEL
-from minillama.inspect import token_table, visible
+from minillama.model_info import token_table, visible
 from minillama.sampling import greedy, make_generator, process_logits, sample
 
 TOP_CANDIDATES = 3  # how many of the most likely next tokens --verbose shows at each step

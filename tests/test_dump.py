@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import minillama
 from minillama.cli import main
-from minillama.cli.dump import dump_activations, summary_path
+from minillama.dump import dump_activations, summary_path
 from test_inspect import make_chat_model
 
 IDS = torch.tensor([[5, 9, 200, 31, 77, 1, 128, 64, 3]])
@@ -64,7 +64,7 @@ def test_refuses_to_overwrite_without_force(model, tmp_path):
     out = tmp_path / "acts.safetensors"
     dump_activations(model, IDS, out, names=["lm_head"])
     before = out.read_bytes()
-    with pytest.raises(minillama.MinillamaError, match="exists; pass --force"):
+    with pytest.raises(minillama.MinillamaError, match="exists; pass force=True"):
         dump_activations(model, IDS, out, names=["model.norm"])
     assert out.read_bytes() == before
     dump_activations(model, IDS, out, names=["model.norm"], force=True)

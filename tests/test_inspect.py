@@ -11,7 +11,7 @@ import torch
 
 from conftest import llama32_like, make_hf_checkpoint
 from minillama.cli import main
-from minillama.inspect import inspect_model, visible
+from minillama.model_info import inspect_model, visible
 from minillama.tokenizer import load_tokenizer
 
 PROMPT = "write 3 lines about\ttransformers\n  in llms"

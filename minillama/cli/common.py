@@ -15,20 +15,15 @@ from minillama.errors import MinillamaError
 from minillama.hub import DEFAULT_MODEL
 
 
-def add_model_args(p: argparse.ArgumentParser, optional_model: bool = True, device: str | None = None,
-                   dtype: str | None = None) -> None:
-    """MODEL (a directory, a hub id org/name, or the default model's name), --device, --dtype, --offline.
+def add_model_args(p: argparse.ArgumentParser, dtype: str | None = None) -> None:
+    """MODEL (optional: a directory, a hub id org/name, or the default model's name), --device, --dtype, --offline.
 
-    `device` and `dtype` are the defaults: None picks CUDA when present and the checkpoint's dtype there;
-    the inspection tools pass "cpu"/"float32" so their numbers compare with the fp32 reference.
+    Every subcommand gets the same names and defaults; `dtype` overrides only the dtype's default
+    (diff compares in float32, where the reference is exact).
     """
-    model_help = f"model directory, hub id (org/name) or {DEFAULT_MODEL!r}"
-    if optional_model:
-        p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help + " (default)")
-    else:
-        p.add_argument("model", help=model_help)
-    p.add_argument("--device", default=device,
-                   help=f"cpu, cuda, cuda:N, mps (default: {device or 'cuda if available, else cpu'})")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+                   help=f"model directory, hub id (org/name) or {DEFAULT_MODEL!r} (the default)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=dtype, help="float32, bfloat16, float16 (default: "
                    + (dtype or "the checkpoint's on a GPU, float32 on CPU") + ")")
     p.add_argument("--offline", action="store_true", help="use only files already downloaded (also HF_HUB_OFFLINE=1)")
@@ -40,31 +35,81 @@ def add_tp_arg(p: argparse.ArgumentParser) -> None:
                    "torchrun --nproc-per-node N -m minillama ... (under torchrun it is on without this flag)")
 
 
-def add_prompt_args(p: argparse.ArgumentParser) -> None:
-    """--prompt and --raw, for the tools that run one forward pass over a prompt."""
-    p.add_argument("--prompt", required=True, help="text to run through the model (as a user message)")
-    p.add_argument("--raw", action="store_true", help="tokenize the prompt as plain text, without the chat template")
+def add_prompt_args(p: argparse.ArgumentParser, chat: bool = True, required: bool = True) -> None:
+    """--prompt, and --chat / --raw: the prompt as a user message through the chat template, or as plain text.
+
+    `chat` is this tool's default; `required` prompts may also come on stdin (`read_prompt`).
+    """
+    stdin = " (or pipe it on stdin)" if required else ""
+    p.add_argument("--prompt", "-p", help="the text to run through the model" + stdin)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--chat", action="store_true", help="render the prompt as a user message through the chat "
+                   "template" + (" (the default)" if chat else ""))
+    g.add_argument("--raw", action="store_true", help="the prompt as plain text, without the chat template"
+                   + ("" if chat else " (the default)"))
+    p.set_defaults(chat_by_default=chat)
+
+
+def use_raw(args: argparse.Namespace) -> bool:
+    """Whether the prompt is plain text: --raw, or no --chat where this tool defaults to plain text."""
+    return args.raw or (not args.chat and not args.chat_by_default)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """--prompt, else stdin when it is piped ("-" reads stdin too); an empty prompt is an error."""
+    prompt = args.prompt
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        prompt = sys.stdin.read()
+    if prompt is None:
+        raise MinillamaError("no prompt: pass --prompt TEXT or pipe the text on stdin")
+    if not prompt.strip():
+        raise MinillamaError("the prompt is empty; pass --prompt TEXT")
+    return prompt
 
 
 def resolve_model_arg(args: argparse.Namespace) -> Path:
-    """The local directory for the MODEL argument (downloading or converting it if needed)."""
+    """The local directory for the MODEL argument (downloading or converting it if needed).
+
+    A name that is neither a directory nor a hub id gets a "did you mean" for a near miss.
+    """
     from minillama.hub import resolve_model
 
-    return resolve_model(args.model, offline=getattr(args, "offline", False))
+    try:
+        return resolve_model(args.model, offline=getattr(args, "offline", False))
+    except MinillamaError as e:
+        guess = near_miss(str(args.model))
+        if guess is None:
+            raise
+        raise MinillamaError(f"{e}; did you mean {guess}?") from None
+
+
+def near_miss(name: str) -> str | None:
+    """The default model's name, or a directory next to `name`, that `name` looks like a typo of (difflib)."""
+    import difflib
+
+    path = Path(name).expanduser()
+    if path.exists():
+        return None
+    candidates = {DEFAULT_MODEL: DEFAULT_MODEL}  # lower-cased name -> what to suggest
+    parent = path.parent
+    if parent.is_dir():
+        try:
+            siblings = [p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")][:1000]
+        except OSError:
+            siblings = []
+        typed_parent = str(Path(name).parent) != "."  # suggest the path the way it was typed
+        candidates.update({p.name.lower(): str(Path(name).parent / p.name) if typed_parent else p.name
+                           for p in siblings})
+    match = difflib.get_close_matches(path.name.lower(), list(candidates), n=1, cutoff=0.8)
+    return candidates[match[0]] if match else None
 
 
 def prompt_input_ids(path: Path, prompt: str, raw: bool, vocab_size: int) -> tuple[str, torch.Tensor]:
-    """The prompt as the model sees it (chat template unless `raw`) and its ids (1, T), checked against
-    the model's vocabulary."""
-    from minillama.inspect import encode_prompt
+    """The prompt as the model sees it (chat template unless `raw`) and its ids (1, T)."""
+    from minillama.model_info import prompt_ids
     from minillama.tokenizer import load_tokenizer
 
-    text, ids = encode_prompt(load_tokenizer(path), prompt, raw)
-    if not ids:
-        raise MinillamaError("the prompt is empty after tokenization; give some text")
-    if max(ids) >= vocab_size:
-        raise MinillamaError(f"the tokenizer gave id {max(ids)}, past the model's vocabulary of {vocab_size}; "
-                             "tokenizer and weights do not belong together")
+    text, ids = prompt_ids(load_tokenizer(path), prompt, raw, vocab_size)
     return text, torch.tensor([ids])
 
 
@@ -134,6 +179,20 @@ def sampling_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """The sampling flags' values checked before anything loads, with messages that name the flag."""
+    from minillama.sampling import check_sampling_args
+
+    values = {k: v for k, v in sampling_overrides(args).items() if k != "do_sample"}
+    try:
+        check_sampling_args(**values)
+    except MinillamaError as e:
+        field = next((k for k in values if str(e).startswith(k + " ")), None)
+        if field is None:
+            raise
+        raise MinillamaError("--" + field.replace("_", "-") + str(e)[len(field):]) from None
+
+
 @dataclass
 class Loaded:
     path: Path
@@ -158,6 +217,7 @@ def load_all(args: argparse.Namespace) -> Loaded:
     from minillama.sampling import check_seed
     from minillama.tokenizer import load_tokenizer
 
+    check_sampling_flags(args)
     device = resolve_device(args.device)
     if getattr(args, "seed", None) is not None:
         check_seed(args.seed)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from minillama.cli.common import add_model_args, resolve_model_arg
 from minillama.errors import MinillamaError
-from minillama.inspect import visible
+from minillama.model_info import visible
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("patch", help="activation patching: which layer and position carry the answer",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p, device="cpu", dtype="float32")
+    add_model_args(p, dtype="float32")
     p.add_argument("--clean", required=True, help="the prompt whose answer is A (plain text, no chat template)")
     p.add_argument("--corrupted", required=True, help="a prompt of as many tokens whose answer is B")
     p.add_argument("--answers", nargs=2, required=True, metavar=("A", "B"),

@@ -1,7 +1,8 @@
 """A tour of a model directory: files, config, generation defaults, special tokens, modules, parameters.
 
 `inspect_model(model_dir)` gathers everything into one JSON-ready dict; `format_report` turns it
-into the text `minillama inspect` prints. No weight is loaded: the module tree and the parameter
+into the text `minillama inspect` prints (the module is not called `inspect`, which would shadow the
+standard library's). Also the prompt helpers the inspection tools share (`encode_prompt`, `prompt_ids`). No weight is loaded: the module tree and the parameter
 counts come from a model built on the meta device, and bytes per dtype from the safetensors headers.
 """
 
@@ -187,6 +188,17 @@ def encode_prompt(tokenizer: Any, prompt: str, raw: bool = False) -> tuple[str, 
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                          tokenize=False)
     return text, list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def prompt_ids(tokenizer: Any, prompt: str, raw: bool, vocab_size: int) -> tuple[str, list[int]]:
+    """`encode_prompt`, checked: not empty, and every id inside the model's vocabulary of `vocab_size`."""
+    text, ids = encode_prompt(tokenizer, prompt, raw)
+    if not ids:
+        raise MinillamaError("the prompt is empty after tokenization; give some text")
+    if max(ids) >= vocab_size:
+        raise MinillamaError(f"the tokenizer gave id {max(ids)}, past the model's vocabulary of {vocab_size}; "
+                             "tokenizer and weights do not belong together")
+    return text, ids
 
 
 def token_table(tokenizer: Any, ids: list[int]) -> list[dict[str, Any]]:
