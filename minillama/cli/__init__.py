@@ -1,14 +1,17 @@
 """The `minillama` command line: one subcommand per module in this package.
 
-Each subcommand module has `add_parser(subparsers)`, which registers its arguments and sets
-`func` to the function that runs it. A `MinillamaError` (bad input, a broken file, ...) is printed
-as one line and exits with code 2; nothing else is caught, so real bugs still show a traceback.
+Each subcommand module has `add_parser(subparsers)`, which registers its arguments and sets `func` to
+the function that runs it; the subcommands only parse flags and print, the work is library code. A
+`MinillamaError` (bad input, a broken file, a missing optional dependency, ...) is printed as one line
+and exits with code 2; a reader that closes the pipe (`| head`) ends the command quietly. Nothing else
+is caught, so real bugs still show a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from minillama.errors import MinillamaError
@@ -17,17 +20,22 @@ from minillama.errors import MinillamaError
 SUBCOMMANDS = ["chat", "generate", "convert", "inspect", "dump", "diff", "lens", "patch", "bench"]
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("minillama")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minillama", description="A readable Llama decoder that chats.")
+    parser.add_argument("--version", action="version", version=f"minillama {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"minillama.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"minillama.cli.{name}":
-                raise
-            continue  # not written yet
-        module.add_parser(sub)
+        importlib.import_module(f"minillama.cli.{name}").add_parser(sub)
     return parser
 
 
@@ -48,6 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return closed_pipe()
+
+
+def closed_pipe() -> int:
+    """The reader of stdout went away (`minillama inspect | head -1`): stop quietly, as a C tool killed by
+    SIGPIPE would (exit 141). stdout is pointed at /dev/null so the interpreter's final flush of the
+    unwritable buffer does not print a second error on the way out."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout already closed or not a real file
+        pass
+    return 141
 
 
 if __name__ == "__main__":
