@@ -55,11 +55,23 @@ def use_raw(args: argparse.Namespace) -> bool:
     return args.raw or (not args.chat and not args.chat_by_default)
 
 
+PROMPT_LIMIT = 16 * 1024**2  # bytes of prompt read from stdin: far more than any context holds
+
+
+def read_stdin_prompt() -> str:
+    """The prompt from stdin, at most PROMPT_LIMIT bytes; bytes that are not UTF-8 become U+FFFD."""
+    stream = getattr(sys.stdin, "buffer", None)  # a replaced sys.stdin (tests, notebooks) may be text only
+    data = stream.read(PROMPT_LIMIT + 1) if stream is not None else sys.stdin.read(PROMPT_LIMIT + 1)
+    if len(data) > PROMPT_LIMIT:
+        raise MinillamaError(f"the prompt on stdin is longer than {PROMPT_LIMIT:,} bytes; is it text?")
+    return data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+
+
 def read_prompt(args: argparse.Namespace) -> str:
     """--prompt, else stdin when it is piped ("-" reads stdin too); an empty prompt is an error."""
     prompt = args.prompt
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        prompt = sys.stdin.read()
+        prompt = read_stdin_prompt()
     if prompt is None:
         raise MinillamaError("no prompt: pass --prompt TEXT or pipe the text on stdin")
     if not prompt.strip():

@@ -1,41 +1,72 @@
-"""`minillama generate [MODEL] --prompt TEXT`: one completion, streamed to stdout; stats go to stderr."""
+"""`minillama generate [MODEL] --prompt TEXT`: one completion, streamed to stdout; stats go to stderr.
+
+The prompt can also come on stdin (`echo "Why?" | minillama generate`). A --stop string ends the
+completion and is not printed: text that could be the start of one is held back until it is decided.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from minillama.cli.chat import clean_text
-from minillama.cli.common import add_model_args, add_sampling_args, add_steer_args, eprint, load_all
+from minillama.cli.common import (add_model_args, add_prompt_args, add_sampling_args, add_steer_args, eprint,
+                                  load_all, read_prompt, use_raw)
 from minillama.errors import MinillamaError
 from minillama.sampling import make_generator
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="complete one prompt and print only the completion",
-                       description=__doc__)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_sampling_args(p)
     add_steer_args(p)
-    p.add_argument("--prompt", "-p", required=True, help="the user message (or the raw text with --raw); "
-                                                         "- reads it from stdin")
+    add_prompt_args(p)
     p.add_argument("--system", help="system prompt (chat template only)")
-    p.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
-    p.add_argument("--stop", action="append", help="stop when the completion contains this text (repeatable)")
+    p.add_argument("--stop", action="append", help="stop when the completion contains this text, which is left out "
+                                                   "(repeatable)")
     p.set_defaults(func=run)
 
 
-PROMPT_LIMIT = 16 * 1024**2  # bytes of prompt read from stdin (`-p -`): far more than any context holds
+class StopTrimmer:
+    """Cuts streamed text at the first stop string, holding back any tail that could begin one."""
+
+    def __init__(self, stops: list[str] | None):
+        self.stops = [s for s in stops or [] if s]
+        self.pending = ""  # text not printed yet: a possible start of a stop string
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """The part of the text so far that is safe to print now."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[:min(hits)], ""
+            return out
+        # The longest tail of the text that is a proper prefix of some stop string waits for more text.
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[:len(self.pending) - keep]
+        self.pending = self.pending[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
 
 
-def read_stdin_prompt() -> str:
-    """The prompt from stdin, at most PROMPT_LIMIT bytes; bytes that are not UTF-8 become U+FFFD."""
-    stream = getattr(sys.stdin, "buffer", None)  # a replaced sys.stdin (tests, notebooks) may be text only
-    data = stream.read(PROMPT_LIMIT + 1) if stream is not None else sys.stdin.read(PROMPT_LIMIT + 1)
-    if len(data) > PROMPT_LIMIT:
-        raise MinillamaError(f"the prompt on stdin is longer than {PROMPT_LIMIT:,} bytes; is it text?")
-    return data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+def prompt_ids(loaded, prompt: str, args: argparse.Namespace) -> list[int]:
+    tok = loaded.tokenizer
+    if use_raw(args):
+        return tok.encode(prompt, add_special_tokens=True)
+    if tok.chat_template_source is None:
+        raise MinillamaError(f"{loaded.path} has no chat template; pass --raw to continue the text as is")
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+               [{"role": "user", "content": prompt}]
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,34 +74,27 @@ def run(args: argparse.Namespace) -> int:
     from minillama.generation import generate
     from minillama.intervene import steering
 
-    prompt = clean_text(read_stdin_prompt() if args.prompt == "-" else args.prompt)
+    if args.raw and args.system:
+        raise MinillamaError("--system needs the chat template; drop --raw or --system")
+    prompt = clean_text(read_prompt(args))
     args.system = clean_text(args.system) if args.system else args.system
-    if not prompt.strip():
-        raise MinillamaError("the prompt is empty; pass --prompt TEXT")
     loaded = load_all(args)
+    ids = prompt_ids(loaded, prompt, args)
     tok = loaded.tokenizer
-    if args.raw:
-        ids = tok.encode(prompt, add_special_tokens=True)
-    elif tok.chat_template_source is None:
-        raise MinillamaError(f"{loaded.path} has no chat template; pass --raw to continue the text as is")
-    else:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                   [{"role": "user", "content": prompt}]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    config = loaded.generation_config if args.raw else loaded.generation_config.ending_turns(tok)
+    config = loaded.generation_config if use_raw(args) else loaded.generation_config.ending_turns(tok)
     if loaded.engine == "compiled":
         eprint("minillama: compiling the decode step (it can take a minute; --no-compile skips it)...")
     generation = generate(loaded.model, ids, config, generator=make_generator(loaded.model.device, args.seed),
                           tokenizer=tok, stop_strings=args.stop, engine=loaded.engine)
-    stream = tok.stream_decoder(skip_special_tokens=True)
+    stream, trimmer = tok.stream_decoder(skip_special_tokens=True), StopTrimmer(args.stop)
     start = time.perf_counter()
     first = None
     try:
         with steering(loaded.model, args.steer):
             for token in generation:
                 first = first or time.perf_counter()
-                print(stream.push(token), end="", flush=True)
-        print(stream.flush(), flush=True)
+                print(trimmer.push(stream.push(token)), end="", flush=True)
+        print(trimmer.push(stream.flush()) + trimmer.flush(), flush=True)
     except KeyboardInterrupt:  # stopped by Ctrl-C: still say what was made and why it ended
         print(flush=True)
     end = time.perf_counter()
