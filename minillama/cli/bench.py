@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's on a GPU, float32 on CPU)")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (random ids; default 512)")
-    p.add_argument("--new-tokens", "-n", type=int, default=256, help="tokens to decode (default 256)")
+    p.add_argument("--max-new-tokens", "--new-tokens", "-n", dest="new_tokens", type=int, default=256,
+                   help="tokens to decode; eos is ignored, so exactly this many (default 256)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per side; the median is reported (default 1)")
     p.add_argument("--sides", help="comma-separated: minillama, transformers, transformers-static, and variants "
                                    "of minillama's engine such as minillama:pack=off or minillama:compile=on/attention=math "
@@ -50,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
 
     if sum(bool(x) for x in (args.model, args.config, args.tiny)) > 1:
         raise MinillamaError("give one of MODEL, --config FILE or --tiny")
+    sides = args.sides.split(",") if args.sides else None
+    if sides is None or any(side.strip().startswith("transformers") for side in sides):
+        from minillama.optional import require
+
+        require("transformers", "minillama bench (its transformers side)")  # before any work
     config = None
     model = None
     if args.tiny:
@@ -73,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     records = run_bench(model, config=config, device=args.device, dtype=args.dtype, prompt_len=args.prompt_len,
                         new_tokens=args.new_tokens, repeats=args.repeats,
-                        sides=args.sides.split(",") if args.sides else None,
+                        sides=sides,
                         compile={"auto": None, "on": True, "off": False}[args.compile], seed=args.seed,
                         side_timeout=args.side_timeout, time_budget=args.time_budget, progress=progress)
     if not records:  # a rank other than 0 under torchrun: rank 0 reports every rank's figures
