@@ -298,3 +298,16 @@ def test_batch_pad_id_must_be_in_the_vocabulary(model32):
     with pytest.raises(MinillamaError, match="pad_token_id 300"):
         generate(NoForward(model32), ids, attention_mask=mask, pad_token_id=300)
     assert GenerationConfig().updated(eos_token_id=[]).eos_token_id == []
+
+
+def test_repetition_penalty_leaves_left_padding_out_like_transformers(lively_llama32):
+    """transformers 5.x skips a row's left padding when it counts tokens for the penalty, as minillama does.
+    The pad id is one the padded row would otherwise say, so counting the pads would change its output."""
+    hf, ours = load_pair(lively_llama32)
+    pad = hf_greedy(hf, torch.tensor([PROMPTS[1]]))[0, 0].item()
+    ids, mask = left_pad(PROMPTS, pad_id=pad)
+    expected = hf_greedy(hf, ids, mask, repetition_penalty=1.3, pad_token_id=pad)
+    got = torch.stack(list(generate(ours, ids, attention_mask=mask, max_new_tokens=N_NEW, repetition_penalty=1.3,
+                                    pad_token_id=pad)), dim=1)
+    assert torch.equal(got, expected)
+    assert expected[1, 0].item() == pad  # not penalised: the pads before the prompt did not count
