@@ -18,7 +18,7 @@ and anything that goes wrong is a one-line `MinillamaError` naming the template.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,69 @@ def normalize_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, 
     return out
 
 
+# Names an assistant message's reasoning comes under. transformers copies the first one set into
+# `reasoning_content` (what Qwen3-style templates read) and `thinking` (gpt-oss) before rendering.
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+# transformers' way to leave the final message open: tag the end of its text, render, cut at the tag.
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def alias_reasoning_fields(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with reasoning under any of REASONING_FIELDS also carry it as `reasoning_content` and
+    `thinking`, in transformers' key order (a message's own `thinking` is kept)."""
+    out = []
+    for message in messages:
+        reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
+        out.append(message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning})
+    return out
+
+
+def generation_prompt(add_generation_prompt: bool | None, continue_final_message: bool | str) -> bool:
+    """None means: open a new assistant turn, unless the final message is continued instead."""
+    if continue_final_message and add_generation_prompt:
+        raise MinillamaError("continue_final_message and add_generation_prompt=True do not go together: continue "
+                             "the final message, or open a new assistant turn, not both")
+    return not continue_final_message if add_generation_prompt is None else bool(add_generation_prompt)
+
+
+def mark_final_message(messages: list[dict[str, Any]], continue_final_message: bool | str,
+                       reads: Callable[[str], bool]) -> str:
+    """Tag the end of the final message's text (its `content`, or the field named) in place; returns that
+    text. `reads(field)` says whether the template reads the field; messages are the render's own copies."""
+    if not messages:
+        raise MinillamaError("continue_final_message needs a final message to continue; the chat is empty")
+    field = continue_final_message if isinstance(continue_final_message, str) else "content"
+    final = messages[-1].get(field)
+    if final is None:
+        raise MinillamaError(f"continue_final_message: the final message has no {field!r} to continue")
+    fields = [f for f in REASONING_FIELDS if messages[-1].get(f) == final] if field in REASONING_FIELDS else [field]
+    if not any(reads(f) for f in fields):
+        raise MinillamaError(f"continue_final_message: the chat template never reads {field!r}, so it cannot "
+                             "be continued")
+    if isinstance(final, (list, tuple)):  # content blocks: continue the last text block
+        block = next((b for b in reversed(final) if isinstance(b, dict) and isinstance(b.get("text"), str)), None)
+        if block is None:
+            raise MinillamaError("continue_final_message: the final message has no text block to continue")
+        final, block["text"] = block["text"], block["text"] + CONTINUE_TAG
+        return final
+    if not isinstance(final, str):
+        raise MinillamaError(f"continue_final_message: the final message's {field!r} is not text")
+    for f in fields:
+        messages[-1][f] = final + CONTINUE_TAG
+    return final
+
+
+def cut_at_mark(rendered: str, final: str) -> str:
+    """The rendered chat up to where the final message's text ends (the template's closing tokens cut off)."""
+    if final.strip() not in rendered or CONTINUE_TAG.strip() not in rendered:
+        raise MinillamaError("continue_final_message: the chat template changed or dropped the final message, "
+                             "so it cannot be left open")
+    at = rendered.rindex(CONTINUE_TAG.strip())
+    if rendered[at:at + len(CONTINUE_TAG)] == CONTINUE_TAG:
+        return rendered[:at]
+    return rendered[:at].rstrip()  # the template trimmed the message: its trailing space went with the tag's
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -142,23 +205,33 @@ class ChatTemplate:
         raise MinillamaError(f"{self.source} has several chat templates and none is named 'default'; "
                              f"pick one of {sorted(self._compiled)}")
 
-    def render(self, messages: Iterable[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+    def render(self, messages: Iterable[Mapping[str, Any]], *, add_generation_prompt: bool | None = None,
                tools: list[dict] | None = None, documents: list[dict] | None = None,
                special_tokens: Mapping[str, str] | None = None, template_name: str | None = None,
-               **variables: Any) -> str:
+               continue_final_message: bool | str = False, **variables: Any) -> str:
         """Render `messages` to the prompt string. `special_tokens` (bos_token, eos_token, ...) and
-        `variables` (date_string, enable_thinking, ...) become template variables; `variables` win."""
+        `variables` (date_string, enable_thinking, ...) become template variables; `variables` win.
+
+        add_generation_prompt (default: unless continuing) opens an assistant turn; continue_final_message
+        leaves the final message open instead (True: its content; or the name of the field to continue,
+        such as "reasoning_content"), as transformers does.
+        """
         name = self.pick(template_name, tools)
         label = self.source if len(self._compiled) == 1 else f"{self.source} ({name})"
         if tools is not None and not all(isinstance(t, Mapping) for t in tools):
             raise MinillamaError("tools must be JSON schemas (dicts)")
+        add_generation_prompt = generation_prompt(add_generation_prompt, continue_final_message)
+        chat = alias_reasoning_fields(normalize_messages(messages))
+        final = None
+        if continue_final_message:
+            final = mark_final_message(chat, continue_final_message, lambda field: field in self.sources[name])
         context = {
             **_plain(dict(special_tokens or {})),
             **_plain(variables),
-            "messages": normalize_messages(messages),
+            "messages": chat,
             "tools": _plain(tools),
             "documents": _plain(documents),
-            "add_generation_prompt": bool(add_generation_prompt),
+            "add_generation_prompt": add_generation_prompt,
         }
         budget = _Budget(self.time_limit_s, self.max_iterations)
         token = BUDGET.set(budget)
@@ -170,7 +243,7 @@ class ChatTemplate:
                     raise TemplateLimitError(f"produced more than {self.max_output_chars:,} characters")
                 chunks.append(chunk)
                 budget.check_time()
-            return "".join(chunks)
+            return "".join(chunks) if final is None else cut_at_mark("".join(chunks), final)
         except MinillamaError:
             raise
         except TemplateLimitError as e:
@@ -233,17 +306,23 @@ class Llama3ChatFormat:
 
     It writes what Meta's Llama 3.2 template writes: bos; a system block that always carries the
     knowledge cutoff and today's date (then the system message, if any); one header + content + <|eot_id|>
-    block per message; and, for the generation prompt, an open assistant header. With tools, the
-    tool schemas go into the first user message, as Llama 3.2's template does by default.
+    block per message; and, for the generation prompt, an open assistant header. With tools, the tool
+    schemas go into the first user message (`tools_in_user_message=True`, the template's default) or into
+    the system block (False); `custom_tools` replaces `tools`, as in the template. Llama 3.1's
+    `builtin_tools` (brave_search, wolfram_alpha) are not written: they are refused, not dropped.
     """
 
     source = BUILTIN_LLAMA3
 
-    # Llama 3.2's instruction that precedes the tool schemas in the first user message.
+    # Llama 3.2's instructions that precede the tool schemas, in the first user message or in the system block.
     TOOLS_PREAMBLE = ("Given the following functions, please respond with a JSON for a function call "
                       "with its proper arguments that best answers the given prompt.\n\n"
                       'Respond in the format {"name": function name, "parameters": dictionary of argument '
                       'name and its value}.Do not use variables.\n\n')
+    SYSTEM_TOOLS_PREAMBLE = ("You have access to the following functions. To call a function, please respond "
+                             "with JSON for a function call."
+                             'Respond in the format {"name": function name, "parameters": dictionary of argument '
+                             'name and its value}.Do not use variables.\n\n')
 
     def __init__(self, date_string: str | None = None):
         self.date_string = date_string  # e.g. "26 Jul 2024"; None means today, "%d %b %Y"
@@ -252,50 +331,73 @@ class Llama3ChatFormat:
     def header(role: str) -> str:
         return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
 
-    def render(self, messages: Iterable[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+    def render(self, messages: Iterable[Mapping[str, Any]], *, add_generation_prompt: bool | None = None,
                tools: list[dict] | None = None, bos_token: str = "<|begin_of_text|>",
-               date_string: str | None = None, **unused: Any) -> str:
-        """Render `messages` to the prompt string (tokenize it with add_special_tokens=False)."""
-        messages = normalize_messages(messages)
-        date = date_string or self.date_string or datetime.now().strftime("%d %b %Y")
-        system = ""
-        if messages and messages[0].get("role") == "system":
-            system = _text(messages.pop(0)).strip()
+               date_string: str | None = None, tools_in_user_message: Any = True,
+               continue_final_message: bool | str = False, **variables: Any) -> str:
+        """Render `messages` to the prompt string (tokenize it with add_special_tokens=False).
 
-        out = [bos_token or "", self.header("system")]
+        continue_final_message leaves the final message open (only its content: the format has no reasoning).
+        """
+        if "builtin_tools" in variables:
+            raise MinillamaError("the built-in Llama 3 format is Llama 3.2's and does not write Llama 3.1's "
+                                 "builtin_tools; give the model its own chat_template.jinja to use them")
+        if "custom_tools" in variables:  # the template's `{% set tools = custom_tools %}`, None included
+            tools = variables["custom_tools"]
+        add_generation_prompt = generation_prompt(add_generation_prompt, continue_final_message)
+        messages = alias_reasoning_fields(normalize_messages(messages))
+        final = mark_final_message(messages, continue_final_message, lambda f: f == "content") \
+            if continue_final_message else None
+        system = _text(messages.pop(0)).strip() if messages and messages[0].get("role") == "system" else ""
+        date = date_string or self.date_string or datetime.now().strftime("%d %b %Y")
+        out = [bos_token or "", self.system_block(system, date, tools, bool(tools_in_user_message))]
+        if tools is not None and tools_in_user_message:
+            if not messages:
+                raise MinillamaError("tools need a first user message to go into, but the chat has no messages "
+                                     "(or pass tools_in_user_message=False)")
+            first = messages.pop(0)
+            out.append(self.header("user") + self.TOOLS_PREAMBLE + _schemas(tools) + _text(first).strip()
+                       + "<|eot_id|>")
+        out += [self.message_block(i, m) for i, m in enumerate(messages)]
+        if add_generation_prompt:
+            out.append(self.header("assistant"))
+        text = "".join(out)
+        return text if final is None else cut_at_mark(text, final)
+
+    def system_block(self, system: str, date: str, tools: list[dict] | None, tools_in_user_message: bool) -> str:
+        """Always written: knowledge cutoff and date; with tools the ipython environment (and the tools
+        themselves unless they go into the first user message); then the system message."""
+        out = [self.header("system")]
         if tools is not None:
             out.append("Environment: ipython\n")
         out.append("Cutting Knowledge Date: December 2023\n")
         out.append(f"Today Date: {date}\n\n")
-        out.append(system + "<|eot_id|>")
+        if tools is not None and not tools_in_user_message:
+            out.append(self.SYSTEM_TOOLS_PREAMBLE + _schemas(tools))
+        return "".join(out) + system + "<|eot_id|>"
 
-        if tools is not None:
-            if not messages:
-                raise MinillamaError("tools need a first user message to go into, but the chat has no messages")
-            first = messages.pop(0)
-            schemas = "".join(_tojson(t, indent=4) + "\n\n" for t in tools)
-            out.append(self.header("user") + self.TOOLS_PREAMBLE + schemas + _text(first).strip() + "<|eot_id|>")
+    def message_block(self, i: int, m: dict[str, Any]) -> str:
+        role = m.get("role")
+        if not isinstance(role, str) or not role:
+            raise MinillamaError(f"chat message {i} has no 'role'")
+        if "tool_calls" in m:
+            calls = m["tool_calls"]
+            if len(calls) != 1:
+                raise MinillamaError("the Llama 3 format supports one tool call per message")
+            call = calls[0].get("function", calls[0])
+            return (self.header("assistant") + '{"name": "' + str(call.get("name")) + '", "parameters": '
+                    + _tojson(call.get("arguments")) + "}<|eot_id|>")
+        if role in ("tool", "ipython"):
+            # Llama 3.2's template JSON-encodes every tool result (strings too, since they are iterable).
+            return self.header("ipython") + _tojson(m.get("content")) + "<|eot_id|>"
+        return self.header(role) + _text(m).strip() + "<|eot_id|>"
 
-        for i, m in enumerate(messages):
-            role = m.get("role")
-            if not isinstance(role, str) or not role:
-                raise MinillamaError(f"chat message {i} has no 'role'")
-            if "tool_calls" in m:
-                calls = m["tool_calls"]
-                if len(calls) != 1:
-                    raise MinillamaError("the Llama 3 format supports one tool call per message")
-                call = calls[0].get("function", calls[0])
-                out.append(self.header("assistant") + '{"name": "' + str(call.get("name")) + '", "parameters": '
-                           + _tojson(call.get("arguments")) + "}<|eot_id|>")
-            elif role in ("tool", "ipython"):
-                # Llama 3.2's template JSON-encodes every tool result (strings too, since they are iterable).
-                out.append(self.header("ipython") + _tojson(m.get("content")) + "<|eot_id|>")
-            else:
-                out.append(self.header(role) + _text(m).strip() + "<|eot_id|>")
 
-        if add_generation_prompt:
-            out.append(self.header("assistant"))
-        return "".join(out)
+def _schemas(tools: list[dict]) -> str:
+    """Each tool's JSON schema, indented by 4, as the Llama 3.2 template lists them."""
+    if not isinstance(tools, (list, tuple)) or not all(isinstance(t, Mapping) for t in tools):
+        raise MinillamaError("tools must be a list of JSON schemas (dicts)")
+    return "".join(_tojson(_plain(t), indent=4) + "\n\n" for t in tools)
 
 
 def _text(message: Mapping[str, Any]) -> str:

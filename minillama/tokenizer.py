@@ -217,14 +217,16 @@ class Tokenizer:
         """A `StreamDecoder` for printing generated tokens as they come."""
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool = True,
+    def apply_chat_template(self, messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool | None = None,
                             tokenize: bool = False, tools: list[dict] | None = None,
                             **variables: Any) -> str | list[int]:
         """Render a chat (a list of {"role", "content"} dicts) with the model's chat template.
 
         `variables` reach the template (e.g. date_string="26 Jul 2024", documents=[...],
-        template_name="tool_use"). With tokenize=True the prompt's ids are returned, encoded with
-        add_special_tokens=False because the template already wrote the bos.
+        template_name="tool_use"). add_generation_prompt opens an assistant turn, by default unless
+        continue_final_message=True (or a field name such as "reasoning_content") leaves the final message
+        open for the model to continue, as in transformers. With tokenize=True the prompt's ids are
+        returned, encoded with add_special_tokens=False because the template already wrote the bos.
         """
         messages = list(messages)
         if not messages:

@@ -429,3 +429,114 @@ def test_legit_long_chat_renders_fast():
     start = time.monotonic()
     text = ChatTemplate(SMOLLM2_TEMPLATE, "t").render(messages)
     assert time.monotonic() - start < 1.0 and text.count("<|im_start|>") == 402
+
+
+# ---------------------------------------------------------------- the last gaps to transformers (issue 15)
+
+# A Qwen3-style template (written for these tests): an assistant turn shows its reasoning in <think> tags,
+# read from `reasoning_content`; a gpt-oss-style one reads `thinking`.
+REASONING_TEMPLATE = """{%- for m in messages %}
+{%- if m.role == 'assistant' %}
+{%- set reasoning = m.reasoning_content if m.reasoning_content is string else '' %}
+{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' }}
+{%- else %}
+{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
+THINKING_TEMPLATE = """{% for m in messages %}<|{{ m.role }}|>{% if m.thinking is defined %}[{{ m.thinking }}]{% endif %}\
+{{ m.content }}{{ m | tojson }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"""
+BLOCKS_TEMPLATE = """{% for m in messages %}<{{ m.role }}>{% if m.content is string %}{{ m.content }}{% else %}\
+{% for b in m.content %}{% if b.type == 'text' %}{{ b.text }}{% else %}[{{ b.type }}]{% endif %}{% endfor %}\
+{% endif %}</{{ m.role }}>{% endfor %}"""
+
+ASKED = [{"role": "user", "content": "Is 91 prime?"}]
+
+
+@pytest.mark.parametrize("template", [REASONING_TEMPLATE, THINKING_TEMPLATE])
+@pytest.mark.parametrize("field", ["reasoning_content", "thinking", "reasoning"])
+def test_reasoning_is_copied_like_transformers(ours, hf, template, field):
+    """Whatever name the reasoning comes under, templates reading `reasoning_content` or `thinking` show it."""
+    messages = ASKED + [{"role": "assistant", "content": "No: 7 x 13.", field: "Try 7: 7 x 13 = 91."},
+                        {"role": "user", "content": "And 97?"}]
+    expected = hf_render(hf, template, messages, add_generation_prompt=True)
+    assert our_render(ours, template, messages, add_generation_prompt=True) == expected
+    assert "Try 7: 7 x 13 = 91." in expected
+
+
+def test_a_messages_own_thinking_is_kept_like_transformers(ours, hf):
+    messages = ASKED + [{"role": "assistant", "content": "No.", "thinking": "short", "reasoning": "long"}]
+    expected = hf_render(hf, THINKING_TEMPLATE, messages)
+    assert our_render(ours, THINKING_TEMPLATE, messages, add_generation_prompt=False) == expected
+
+
+@pytest.mark.parametrize("template, final", [
+    (template, final) for template in (SMOLLM2_TEMPLATE, LLAMA32_LIKE_TEMPLATE, REASONING_TEMPLATE, BLOCKS_TEMPLATE)
+    for final in ("The answer is", "  Padded, then trimmed by some templates  ")
+] + [(BLOCKS_TEMPLATE, [{"type": "image"}, {"type": "text", "text": "Look: a"}, {"type": "image"}])])
+def test_continue_final_message_matches_transformers(ours, hf, frozen_time, template, final):
+    """The final assistant message is left open (no end-of-turn, no new header) for the model to go on."""
+    messages = ASKED + [{"role": "assistant", "content": final}]
+    expected = hf_render(hf, template, messages, continue_final_message=True)
+    got = our_render(ours, template, messages, continue_final_message=True)
+    assert got == expected
+    text = final if isinstance(final, str) else final[1]["text"]
+    assert got.rstrip().endswith(text.strip())
+
+
+def test_continue_the_reasoning_like_transformers(ours, hf):
+    messages = ASKED + [{"role": "assistant", "content": "", "reasoning": "Try 7: 7 x"}]
+    expected = hf_render(hf, REASONING_TEMPLATE, messages, continue_final_message="reasoning_content")
+    assert our_render(ours, REASONING_TEMPLATE, messages, continue_final_message="reasoning") == \
+        hf_render(hf, REASONING_TEMPLATE, messages, continue_final_message="reasoning") == expected
+    assert expected.endswith("<think>\nTry 7: 7 x")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(continue_final_message=True, add_generation_prompt=True), "do not go together"),
+    (dict(continue_final_message="reasoning_content"), "has no 'reasoning_content' to continue"),
+    (dict(continue_final_message="name"), "has no 'name' to continue"),
+])
+def test_continue_final_message_refusals(ours, kwargs, message):
+    messages = ASKED + [{"role": "assistant", "content": "Well"}]
+    with pytest.raises(MinillamaError, match=message):
+        our_render(ours, SMOLLM2_TEMPLATE, messages, **kwargs)
+
+
+def test_continue_final_message_refuses_what_the_template_does_not_show(ours, hf):
+    messages = ASKED + [{"role": "assistant", "content": "Well", "reasoning_content": "Hmm"}]
+    with pytest.raises(MinillamaError, match="never reads 'reasoning_content'"):
+        our_render(ours, SMOLLM2_TEMPLATE, messages, continue_final_message="reasoning_content")
+    with pytest.raises(ValueError, match="not an accepted field"):  # transformers refuses it too
+        hf_render(hf, SMOLLM2_TEMPLATE, messages, continue_final_message="reasoning_content")
+    hides_assistant = "{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}{% endif %}{% endfor %}"
+    with pytest.raises(MinillamaError, match="changed or dropped the final message"):
+        our_render(ours, hides_assistant, messages, continue_final_message=True)
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("kwargs", [
+    dict(tools=[WEATHER_TOOL], tools_in_user_message=False),
+    dict(custom_tools=[WEATHER_TOOL]),
+    dict(custom_tools=[WEATHER_TOOL], tools_in_user_message=False),
+    dict(tools=[WEATHER_TOOL], custom_tools=None),  # custom_tools replaces tools, even with None
+])
+def test_builtin_llama3_tools_options_equal_the_llama32_template(ours, hf, kwargs, add_generation_prompt):
+    kwargs = dict(kwargs, add_generation_prompt=add_generation_prompt, date_string="26 Jul 2024")
+    expected = hf_render(hf, LLAMA32_LIKE_TEMPLATE, TOOL_CHAT, **kwargs)
+    assert ours.chat_template_source == BUILTIN_LLAMA3
+    assert ours.apply_chat_template(TOOL_CHAT, **kwargs) == expected
+    in_system = kwargs.get("tools_in_user_message") is False and kwargs.get("custom_tools", True) is not None
+    assert ("You have access to the following functions" in expected) == in_system
+
+
+def test_builtin_llama3_continues_the_final_message_and_refuses_builtin_tools(ours, hf):
+    messages = CONVERSATIONS["no_system_multi_turn"][:-1] + [{"role": "assistant", "content": " Ciao, and "}]
+    kwargs = dict(continue_final_message=True, date_string="26 Jul 2024")
+    expected = hf_render(hf, LLAMA32_LIKE_TEMPLATE, messages, **kwargs)
+    assert ours.apply_chat_template(messages, **kwargs) == expected and expected.endswith("\n\nCiao, and")
+    with pytest.raises(MinillamaError, match="never reads 'reasoning_content'"):
+        ours.apply_chat_template(messages + [{"role": "assistant", "content": "", "reasoning": "x"}],
+                                 continue_final_message="reasoning_content")
+    with pytest.raises(MinillamaError, match="does not write Llama 3.1's builtin_tools"):
+        ours.apply_chat_template(ASKED, builtin_tools=["brave_search"])
