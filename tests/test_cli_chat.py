@@ -148,12 +148,12 @@ def test_commands_and_errors(chat_model):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--temperature", "-1"], "temperature must be >= 0"),
-    (["--top-p", "0"], "top_p must be in (0, 1]"),
-    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
-    (["--top-k", "-3"], "top_k must be >= 0"),
-    (["--min-p", "2"], "min_p must be in [0, 1]"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),  # messages name the flag
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--top-k", "-3"], "--top-k must be >= 0"),
+    (["--min-p", "2"], "--min-p must be in [0, 1]"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--device", "tpu9"], "device"),
     (["--dtype", "int4"], "unknown dtype"),
 ])
