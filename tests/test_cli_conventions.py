@@ -32,7 +32,7 @@ def option(name: str, flag: str):
 
 # ---- the same names and defaults ----------------------------------------------------------------
 
-@pytest.mark.parametrize("tool", MODEL_TOOLS + ["bench"])
+@pytest.mark.parametrize("tool", MODEL_TOOLS + ["patch", "bench"])
 def test_model_is_optional_and_device_defaults_alike(tool):
     model = next(a for a in subparser(tool)._actions if a.dest == "model")
     assert model.nargs == "?" and model.default in (DEFAULT_MODEL, None)  # bench: None means the default model
