@@ -139,7 +139,6 @@ def run_ranks(model, config, dev, dtype, prompt_len, new_tokens, repeats, compil
     import torch.distributed as dist
 
     from minillama.bench.workers import reset_peak_rss, run_minillama
-    from minillama.checkpoint import resolve_dtype
     from minillama.config import LlamaConfig
 
     rank, world = dist.get_rank(), dist.get_world_size()
