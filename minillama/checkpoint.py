@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from safetensors import SafetensorError, safe_open
 
+from minillama import quant
 from minillama.config import LlamaConfig
-from minillama.errors import MinillamaError
+from minillama.errors import MinillamaError, read_json_object
 from minillama.files import parse_json, read_json
 from minillama.generation import GenerationConfig
 from minillama.model import LlamaForCausalLM, LlamaRotaryEmbedding
@@ -130,10 +131,11 @@ def check_safetensors_header(path: Path) -> dict:
 
 
 def read_weights(model_dir: Path, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype,
-                 pack: bool = False, shard: Callable[[str, Any], torch.Tensor] | None = None
-                 ) -> dict[str, torch.Tensor]:
-    """Every tensor the (meta) model expects, read from the checkpoint onto `device` in `dtype`.
+                 pack: bool = False, shard: Callable[[str, Any], torch.Tensor] | None = None,
+                 expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor the (meta) model expects, read from the checkpoint onto `device`, floats cast to `dtype`.
 
+    expected: name -> shape (default: the model's parameters; a quantized checkpoint's come from `quant`).
     Missing, unexpected and mis-shaped tensors are collected and reported in one error; NaN/inf is refused.
     pack: Linear weights come back in oneDNN's layout (`packing.pack_weight`) and nothing stays memory-mapped,
     so the packed copy is the only one in memory, even at the peak.
@@ -141,7 +143,8 @@ def read_weights(model_dir: Path, model: LlamaForCausalLM, device: torch.device,
     `tp.Layout.read_slice`); only that part is read, one tensor at a time. Shapes are checked whole.
     """
     config = model.config
-    expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head is listed once
+    if expected is None:
+        expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head is listed once
     linears = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     state: dict[str, torch.Tensor] = {}
     problems: list[str] = []
@@ -161,7 +164,11 @@ def read_weights(model_dir: Path, model: LlamaForCausalLM, device: torch.device,
                         problems.append(f"{name} has shape {list(shape)} but config.json implies "
                                         f"{list(expected[name])}")
                         continue
-                    state[name] = f.get_tensor(name).to(dtype) if not (pack or shard) else file
+                    if pack or shard:
+                        state[name] = file
+                        continue
+                    t = f.get_tensor(name)
+                    state[name] = t.to(dtype) if t.is_floating_point() else t  # int8/int4 weights stay so
             for name in [n for n, t in state.items() if t is file]:
                 # One tensor at a time from its own mapping, copied out (packed or cloned): the file's pages
                 # never pile up in this process's memory next to the packed copies.
@@ -231,17 +238,23 @@ def _gc_paused():
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, pack: bool = False, tp: bool = False) -> LlamaForCausalLM:
+               dtype: str | torch.dtype | None = None, pack: bool = False, tp: bool = False,
+               quantize: str | None = None, group_size: int | None = None) -> LlamaForCausalLM:
     """Load a Hugging Face Llama checkpoint directory; the model comes back in eval mode.
 
-    device: "cpu", "cuda", ... (default: CUDA if present, else CPU).
-    dtype:  "float32", "bfloat16", "float16" (default: the checkpoint's on a GPU, float32 on CPU).
-    pack:   swap the Linears for `packing.PackedLinear` (oneDNN layout) where that applies (CPU, float32):
-            ~2x faster bs=1 decoding, the same names and state_dict, rounding-level differences (~1e-6).
-            Elsewhere it does nothing. Off by default: a plain load is the exact reference.
-    tp:     tensor parallelism: this rank's shard of the model (`minillama.tp`), inside an initialised
-            torch.distributed process group in which every rank makes the same calls. Each rank reads only
-            its own slices of the files. On CUDA the device defaults to the process's current GPU.
+    device:     "cpu", "cuda", ... (default: CUDA if present, else CPU).
+    dtype:      "float32", "bfloat16", "float16" (default: the checkpoint's on a GPU, float32 on CPU).
+    pack:       swap the Linears for `packing.PackedLinear` (oneDNN layout) where that applies (CPU, float32):
+                ~2x faster bs=1 decoding, the same names and state_dict, rounding-level differences (~1e-6).
+                Elsewhere it does nothing, and a quantized model is not packed (its kernels read their own
+                layouts). Off by default: a plain load is the exact reference.
+    tp:         tensor parallelism: this rank's shard of the model (`minillama.tp`), inside an initialised
+                torch.distributed process group in which every rank makes the same calls. Each rank reads only
+                its own slices of the files. On CUDA the device defaults to the process's current GPU.
+    quantize:   None: the weights as the directory holds them (float, or a quantized directory's int8/int4);
+                "int8" / "int4": quantize a float checkpoint's Linears as it loads (`quant.quantize_model`, CPU);
+                "none": float weights, dequantizing a quantized directory.
+    group_size: int4's group size (32, 64, 128; default 32), or int8 groups instead of one scale per channel.
     """
     model_dir = Path(path)
     if not model_dir.is_dir():
@@ -251,6 +264,17 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     if tp and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # one GPU per rank (tp.init sets it)
     dtype = resolve_dtype(dtype, config, device)
+    if quantize not in (None, "none", *quant.MODES):
+        raise MinillamaError(f"unknown quantization {quantize!r}; use int8, int4 or none")
+    if group_size is not None and quantize not in quant.MODES:
+        raise MinillamaError("a group size needs quantize int8 or int4")
+    quantized = quant.read_quantization_config(read_json_object(model_dir / "config.json"),
+                                               str(model_dir / "config.json"))
+    if quantized and quantize in quant.MODES:
+        raise MinillamaError(f"{model_dir}: already holds quantized weights; load it as it is (no quantize), "
+                             "or dequantized (quantize 'none')")
+    if tp and (quantize in quant.MODES or quantized):
+        raise MinillamaError("tensor parallelism and int8/int4 weights do not combine yet; use one of them")
     plan = group = None
     if tp:
         from minillama import tp as tensor_parallel  # torch.distributed is imported only when used
@@ -260,18 +284,29 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     with _gc_paused():
         with torch.device("meta"), _no_init():  # parameters without storage: filled from the checkpoint
             model = LlamaForCausalLM(config)
-        pack = pack and can_pack(device, dtype)
-        state = read_weights(model_dir, model, device, dtype, pack=pack, shard=plan and plan.read_slice)
+        stored = {}
+        if quantized:
+            header = {k: v for file in weight_files(model_dir) for k, v in check_safetensors_header(file).items()}
+            stored = quant.stored_formats(model, header)
+        pack = pack and can_pack(device, dtype) and not quantized and quantize not in quant.MODES
+        state = read_weights(model_dir, model, device, dtype, pack=pack, shard=plan and plan.read_slice,
+                             expected=quant.expected_shapes(model, stored))
+        if quantize == "none":
+            quant.dequantize_state(state, stored, dtype)
+        elif stored:
+            quant.use_stored_formats(model, stored, device, dtype)
         if tp:
             tensor_parallel.shard_model(model, plan, group)  # this rank's shapes, so the slices load in place
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
+            quant.tie_head(model)
         model.model.rotary_emb = LlamaRotaryEmbedding(config, device=device)  # buffers are not in checkpoints
         if pack:
             pack_linears(model)  # the Linears now hold packed weights: make them PackedLinears
         if tp:
             tensor_parallel.connect(model, plan, group)  # the collectives, as hooks on the final modules
+        if quantize in quant.MODES:
+            quant.quantize_model(model, quantize, group_size)
     # The model's own generation defaults (eos ids, sampling), which `generate` uses unless given others,
     # as transformers' `model.generation_config`.
     model.generation_config = GenerationConfig.from_model_dir(model_dir)

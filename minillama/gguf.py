@@ -39,6 +39,7 @@ from tqdm import tqdm
 from minillama.errors import MinillamaError
 from minillama.files import locked_temp_dir, remove_stale_dirs
 from minillama.gguf_header import check_gguf_header
+from minillama.quant import pack_nibbles, quantization_config
 
 # A shard holds at most this many bytes, so writing never needs more than one shard of tensors in memory.
 SHARD_BYTES = 2 * 1024**3
@@ -352,21 +353,82 @@ def generation_config(meta: _Metadata) -> dict[str, Any]:
 
 # ---- Conversion ----------------------------------------------------------------------------------
 
+# GGML's block formats that minillama keeps quantized (`keep_quantized`): 32 weights per block, an fp16 scale d
+# (and an fp16 minimum m for Q4_1) before the quants (ggml-common.h). As quant.py's layouts:
+#   Q8_0  w = d * q          -> int8, group 32: scales d
+#   Q4_0  w = d * (q - 8)    -> int4, group 32: scales d, zeros 0
+#   Q4_1  w = d * q + m      -> int4, group 32: scales d, zeros m + 8 d   (int4's w = (q - 8) * scale + zero)
+_KEPT = {gguf.GGMLQuantizationType.Q8_0: "int8", gguf.GGMLQuantizationType.Q4_0: "int4",
+         gguf.GGMLQuantizationType.Q4_1: "int4"}
+_FLOAT = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+
+
+def quantized_tensors(t: gguf.ReaderTensor) -> dict[str, torch.Tensor]:
+    """A Q8_0 / Q4_0 / Q4_1 tensor as quant.py's saved tensors (qweight, scales[, zeros]), values unchanged."""
+    kind = gguf.GGMLQuantizationType
+    rows = np.asarray(t.data)  # (N, bytes per row): N rows of K/32 blocks
+    N = rows.shape[0]
+    if t.tensor_type == kind.Q8_0:
+        blocks = rows.reshape(N, -1, 2 + 32)
+        d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, K/32)
+        q = blocks[..., 2:].copy().view(np.int8).reshape(N, -1)  # (N, K)
+        return {"qweight": torch.from_numpy(q), "scales": torch.from_numpy(d)}
+    header = 2 if t.tensor_type == kind.Q4_0 else 4
+    blocks = rows.reshape(N, -1, header + 16)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)  # (N, K/32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64) if header == 4 else -8 * d
+    qs = blocks[..., header:]  # (N, K/32, 16): weight j in the low 4 bits of byte j, weight j + 16 in the high
+    q = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(N, -1)  # (N, K) in 0..15
+    return {"qweight": pack_nibbles(torch.from_numpy(q)), "scales": torch.from_numpy(d.astype(np.float32)),
+            "zeros": torch.from_numpy((m + 8 * d).astype(np.float32))}
+
+
+def _converted(t: gguf.ReaderTensor, config: dict[str, Any], keep_quantized: bool,
+               path: Path) -> dict[str, torch.Tensor]:
+    """One GGUF tensor as the HF-named tensor(s) it becomes: renamed, unpermuted, dequantized unless kept."""
+    name = hf_name(t.name)
+    if keep_quantized and len(t.shape) == 2 and t.tensor_type not in _FLOAT:
+        if t.tensor_type not in _KEPT or (name == "model.embed_tokens.weight" and _KEPT[t.tensor_type] != "int8"):
+            allowed = "Q8_0" if name == "model.embed_tokens.weight" else "Q4_0, Q4_1 or Q8_0"
+            raise MinillamaError(f"{path}: tensor {t.name} is {t.tensor_type.name}, which minillama cannot keep "
+                                 f"quantized (it keeps {allowed}); convert without --keep-quantized to dequantize")
+        module = name[: -len(".weight")]
+        tensors = {f"{module}.{k}": v for k, v in quantized_tensors(t).items()}
+    else:
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[config["torch_dtype"]]
+        tensors = {name: to_torch(t).to(dtype)}
+    heads = {".attn_q.": config["num_attention_heads"], ".attn_k.": config["num_key_value_heads"]}
+    for part, n_heads in heads.items():
+        if t.name.startswith("blk.") and part in t.name:  # a row permutation: quants, scales, zeros alike
+            tensors = {k: unpermute_rope_rows(v, n_heads) for k, v in tensors.items()}
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def _converted_bytes(t: gguf.ReaderTensor, itemsize: int, keep_quantized: bool) -> int:
+    n = int(np.prod([int(n) for n in t.shape]))
+    if keep_quantized and t.tensor_type in _KEPT:
+        int8 = _KEPT[t.tensor_type] == "int8"
+        return (n if int8 else n // 2) + n // 32 * 4 * (1 if int8 else 2)  # quants, float32 scales (and zeros)
+    return n * itemsize
+
+
 def _write_tensors(reader: gguf.GGUFReader, config: dict[str, Any], out: Path, progress: bool,
-                   path: Path) -> None:
-    """Dequantize, rename and unpermute every tensor, writing safetensors shards of at most SHARD_BYTES."""
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[config["torch_dtype"]]
+                   path: Path, keep_quantized: bool = False) -> dict[str, str]:
+    """Rename, unpermute and dequantize (or keep) every tensor, writing safetensors shards of at most SHARD_BYTES.
+    Returns the formats of the tensors kept quantized ({module: "int4-g32"}), for quantization_config."""
+    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[config["torch_dtype"]]
     wanted = [t for t in reader.tensors if t.name != "rope_freqs.weight"]
     for t in wanted:
         if hf_name(t.name) is None:
             raise MinillamaError(f"{path}: unexpected tensor {t.name!r}; not a plain Llama GGUF")
-    sizes = [int(np.prod([int(n) for n in t.shape])) * dtype.itemsize for t in wanted]
+    sizes = [_converted_bytes(t, itemsize, keep_quantized) for t in wanted]
     n_shards = max(1, math.ceil(sum(sizes) / SHARD_BYTES))
 
     def shard_name(i: int) -> str:
         return "model.safetensors" if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
 
     weight_map: dict[str, str] = {}
+    kept: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
     shard_bytes, shard_index = 0, 0
     bar = tqdm(wanted, desc="converting", unit="tensor", disable=not progress, file=sys.stderr)
@@ -374,19 +436,17 @@ def _write_tensors(reader: gguf.GGUFReader, config: dict[str, Any], out: Path, p
         if shard and shard_bytes + size > SHARD_BYTES and shard_index < n_shards - 1:
             save_file(shard, out / shard_name(shard_index), metadata={"format": "pt"})
             shard, shard_bytes, shard_index = {}, 0, shard_index + 1
-        name = hf_name(t.name)
-        w = to_torch(t)
-        if t.name.startswith("blk.") and ".attn_q." in t.name:
-            w = unpermute_rope_rows(w, config["num_attention_heads"])
-        elif t.name.startswith("blk.") and ".attn_k." in t.name:
-            w = unpermute_rope_rows(w, config["num_key_value_heads"])
-        shard[name] = w.to(dtype).contiguous()
+        for name, w in _converted(t, config, keep_quantized, path).items():
+            shard[name] = w
+            weight_map[name] = shard_name(shard_index)
+            if name.endswith(".qweight"):
+                kept[name[: -len(".qweight")]] = f"{_KEPT[t.tensor_type]}-g32"
         shard_bytes += size
-        weight_map[name] = shard_name(shard_index)
     save_file(shard, out / shard_name(shard_index), metadata={"format": "pt"})
     if n_shards > 1:
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return kept
 
 
 def _apply_umask(directory: Path) -> None:
@@ -402,82 +462,13 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def expected_shape(hf: str, config: dict[str, Any]) -> tuple[int, ...] | None:
-    """The shape a Llama tensor must have under `config` (HF names); None for a layer past the last."""
-    C, V, I = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
-    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf)
-    if m and int(m.group(1)) >= config["num_hidden_layers"]:
-        return None
-    module, kind = (m.group(2), m.group(3)) if m else hf.rsplit(".", 1)
-    rows, cols = {
-        "model.embed_tokens": (V, C), "lm_head": (V, C), "model.norm": (C, None),
-        "input_layernorm": (C, None), "post_attention_layernorm": (C, None),
-        "self_attn.q_proj": (q, C), "self_attn.k_proj": (kv, C), "self_attn.v_proj": (kv, C),
-        "self_attn.o_proj": (C, q), "mlp.gate_proj": (I, C), "mlp.up_proj": (I, C), "mlp.down_proj": (C, I),
-    }[module]
-    return (rows,) if kind == "bias" or cols is None else (rows, cols)
-
-
-def check_tensors(tensors: list[gguf.ReaderTensor], config: dict[str, Any], path: Path) -> None:
-    """Every tensor a known name with the shape the metadata implies, before anything is converted."""
-    for t in tensors:
-        if t.name == "rope_freqs.weight":
-            continue
-        hf = hf_name(t.name)
-        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims as (cols, rows)
-        want = None if hf is None else expected_shape(hf, config)
-        if hf is None or want is None:
-            raise MinillamaError(f"{path}: unexpected tensor {t.name!r}; not a plain Llama GGUF")
-        if shape != want:
-            raise MinillamaError(f"{path}: tensor {t.name!r} has shape {list(shape)} but the metadata implies "
-                                 f"{list(want)}; the file is inconsistent")
-
-
-def read_gguf(path: Path) -> tuple[gguf.GGUFReader, _Metadata, dict[str, Any], str]:
-    """Open a GGUF file and check all of it that conversion relies on: the header against the file
-    (`check_gguf_header`), the metadata's types and ranges, the config, every tensor's name and shape, and
-    the tokenizer. Returns (reader, metadata, HF config, tokenizer.json text)."""
-    from minillama.config import LlamaConfig
-
-    if not path.is_file():
-        raise MinillamaError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
-    check_gguf_header(path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, KeyError, IndexError, TypeError) as e:
-        raise MinillamaError(f"{path}: not a readable GGUF file ({' '.join(str(e).split())})") from None
-    meta = _Metadata(reader, path)
-    names = {t.name for t in reader.tensors}
-    config = read_config(meta, names, _model_dtype(reader.tensors))
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embed is None or len(embed.shape) != 2:
-        raise MinillamaError(f"{path}: tensor 'token_embd.weight' is missing or not a matrix; the file is incomplete")
-    config["vocab_size"] = int(embed.shape[1])  # GGUF shapes are (cols, rows): the embedding is (C, V)
-    LlamaConfig.from_dict(config, source=f"{path} (its llama.* metadata)")  # ranges, divisibility, limits
-    check_tensors(reader.tensors, config, path)
-    if "rope_freqs.weight" in names:  # llama3 rope scaling, stored as computed divisors
-        freqs = to_torch(next(t for t in reader.tensors if t.name == "rope_freqs.weight")).float()
-        config["rope_scaling"] = llama3_scaling_from_factors(freqs, config["rope_theta"], config["head_dim"], path)
-    return reader, meta, config, build_tokenizer_json(meta)
-
-
-def _output_parent(out: Path) -> Path:
-    """Check the output directory can be created, before the slow part; returns its (existing) parent."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MinillamaError(f"{out}: already exists; remove it or choose another output directory")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except (OSError, ValueError) as e:
-        raise MinillamaError(f"{out.parent}: cannot create this directory ({' '.join(str(e).split())}); "
-                             "choose another output directory") from None
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise MinillamaError(f"{out.parent}: not writable; choose another output directory")
-    return out.parent
-
-
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True,
+                 keep_quantized: bool = False) -> Path:
     """Convert a llama-architecture GGUF file into a Hugging Face model directory; returns `out_dir`.
+
+    keep_quantized: Q4_0, Q4_1 and Q8_0 matrices are written in quant.py's int4/int8 layouts, with the same
+    values (no dequantizing), and config.json gets a `quantization_config`; `load_model` then runs them as they
+    are. Other quantized types are refused by name. Default: every tensor dequantized to float.
 
     Everything is written to a temporary directory beside `out_dir` and renamed into place at the end,
     so an interrupted conversion never leaves a directory that looks like a complete model; folders that
@@ -493,7 +484,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     try:
         with locked_temp_dir(parent, prefix) as tmp:
             try:
-                _write_tensors(reader, config, tmp, progress, path)
+                kept = _write_tensors(reader, config, tmp, progress, path, keep_quantized)
+                if kept:
+                    config["quantization_config"] = quantization_config(kept)
                 _write_json(tmp / "config.json", config)
                 _write_json(tmp / "generation_config.json", generation_config(meta))
                 (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")

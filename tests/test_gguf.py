@@ -31,8 +31,10 @@ def permute_like_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def write_gguf(hf_dir: Path, path: Path, arch: str = "llama", dtype=np.float32, skip: tuple = (),
-               extra_tensors: dict | None = None, rope_freqs: np.ndarray | None = None, pre: str = "smollm") -> Path:
-    """Write a GGUF the way llama.cpp's converter does, from an HF checkpoint (permuted q/k, GGUF names)."""
+               extra_tensors: dict | None = None, rope_freqs: np.ndarray | None = None, pre: str = "smollm",
+               quant: dict | None = None) -> Path:
+    """Write a GGUF the way llama.cpp's converter does, from an HF checkpoint (permuted q/k, GGUF names).
+    quant: {GGUF name suffix: GGMLQuantizationType} quantizes matching matrices with llama.cpp's own gguf package."""
     config = read_json(hf_dir / "config.json")
     cfg = LlamaConfig.from_dict(config)  # reads either rope spelling
     state = load_file(hf_dir / "model.safetensors")
@@ -73,6 +75,10 @@ def write_gguf(hf_dir: Path, path: Path, arch: str = "llama", dtype=np.float32, 
             a = permute_like_llama_cpp(a, config["num_attention_heads"])
         elif gname.endswith(("attn_k.weight", "attn_k.bias")):
             a = permute_like_llama_cpp(a, config["num_key_value_heads"])
+        kind = next((k for suffix, k in (quant or {}).items() if gname.endswith(suffix)), None)
+        if kind is not None and a.ndim == 2:
+            w.add_tensor(gname, gguf.quants.quantize(a, kind), raw_dtype=kind)
+            continue
         w.add_tensor(gname, a.astype(np.float32 if a.ndim == 1 else dtype))
     for gname, a in (extra_tensors or {}).items():
         w.add_tensor(gname, a)

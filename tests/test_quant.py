@@ -1,0 +1,217 @@
+"""Weight-only int8/int4 (minillama/quant.py): each kernel against its dequantize-then-matmul reference,
+quantize -> save -> load, GGUF tensors kept quantized, the real SmolLM2 running its own Q4_1 weights,
+and one-line errors that name the tensor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+from conftest import llama32_like, make_hf_checkpoint, read_json
+from safetensors import safe_open
+from test_gguf import IDS, chat_prompt_ids, write_gguf
+from torch import nn
+
+from minillama import MinillamaError, load_model, load_tokenizer, quant
+from minillama.gguf import convert_gguf
+from minillama.perplexity import perplexity
+
+Q = gguf.GGMLQuantizationType
+LINEARS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",
+           "ffn_up.weight", "ffn_down.weight")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small matmuls on a shared 2-core machine: one thread avoids OpenMP barrier stalls (DEVELOPING.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def logits(model, ids=IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor the model holds (parameters and buffers), a shared one counted once."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# ---- kernels against their references ------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, group_size, bias", [("int8", None, False), ("int8", 32, True),
+                                                    ("int4", 32, True), ("int4", 64, False),
+                                                    ("int4", 128, False)])
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_kernel_equals_dequantize_then_matmul(kind, group_size, bias, tokens):
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96, bias=bias)
+    module = quant.quantize_linear(linear, kind, group_size)
+    # The kernels take bf16 inputs: rounding x first leaves only the kernel's own bf16 output rounding
+    # (2^-9 relative, per group for grouped int8) and its summation order.
+    x = torch.randn(2, tokens, 256).to(torch.bfloat16).float()
+    y, ref = module(x), module.reference_forward(x)
+    assert y.shape == ref.shape == (2, tokens, 96) and y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, atol=2**-8 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("kind, group_size", [("int8", None), ("int8", 32), ("int4", 32), ("int4", 128)])
+def test_quantization_error_is_at_most_half_a_step(kind, group_size):
+    torch.manual_seed(1)
+    w = torch.randn(64, 256) * torch.rand(64, 1)  # rows of different magnitudes
+    if kind == "int8":
+        q, scales = quant.quantize_int8(w, group_size)
+        error = (quant.dequantize_int8(q, scales) - w).reshape(64, scales.shape[1], -1)
+    else:
+        q, scales, zeros = quant.quantize_int4(w, group_size)
+        assert int(q.min()) >= 0 and int(q.max()) <= 15
+        error = (quant.dequantize_int4(q, scales, zeros) - w).reshape(64, scales.shape[1], -1)
+    # half a step, plus what the bf16 rounding of the scale (and zero) moves the grid
+    assert (error.abs().amax(-1) <= scales * (0.5 + 2**-7 * (15 if kind == "int4" else 127))).all()
+
+
+def test_int4_layout_round_trips_through_the_kernel_packing():
+    torch.manual_seed(2)
+    q = torch.randint(0, 16, (48, 128), dtype=torch.uint8)
+    assert torch.equal(quant.unpack_nibbles(quant.pack_nibbles(q)), q)
+    assert quant.pack_nibbles(q)[0, 0] == q[0, 0] | (q[0, 1] << 4)  # input 0 low, input 1 high: the saved layout
+    scales, zeros = torch.rand(48, 4).bfloat16().float(), torch.randn(48, 4).bfloat16().float()
+    module = quant.Int4Linear(128, 48, group_size=32, device="meta")
+    module.set_quantized(quant.pack_nibbles(q), scales, zeros)
+    qweight, s, z = module.quantized()  # unpacked by the kernel itself, from torch's private layout
+    assert torch.equal(qweight, quant.pack_nibbles(q)) and torch.equal(s, scales) and torch.equal(z, zeros)
+
+
+def test_int8_embedding_rows_and_tied_head_share_one_table():
+    torch.manual_seed(3)
+    table = nn.Embedding(100, 64)
+    emb = quant.Int8Embedding(100, 64, group_size=32, device="meta")
+    emb.set_quantized(*quant.quantize_int8(table.weight, 32))
+    ids = torch.tensor([[3, 99, 0], [7, 7, 50]])
+    torch.testing.assert_close(emb(ids), emb.dequantize()[ids], atol=0, rtol=0)
+    head = emb.tied_head()
+    assert head.qweight.data_ptr() == emb.qweight.data_ptr()
+    x = torch.randn(5, 64).bfloat16().float()
+    torch.testing.assert_close(head(x), head.reference_forward(x), atol=2**-7 * 64, rtol=0)
+
+
+# ---- whole models -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def untied_with_bias(tmp_path_factory) -> Path:
+    return make_hf_checkpoint(tmp_path_factory.mktemp("bias"), seed=4, tie_word_embeddings=False,
+                              attention_bias=True, mlp_bias=True)
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_llama32", "untied_with_bias"])
+@pytest.mark.parametrize("mode, group_size", [("int8", None), ("int4", 32)])
+def test_quantize_save_load_gives_identical_logits(checkpoint, mode, group_size, request, tmp_path):
+    source = request.getfixturevalue(checkpoint)
+    model = load_model(source, "cpu", quantize=mode, group_size=group_size)
+    float_names = {name for name, _ in load_model(source, "cpu").named_modules()}
+    assert {name for name, _ in model.named_modules()} == float_names  # swaps keep every module's name
+    assert isinstance(model.model.layers[0].mlp.down_proj, quant.Int8Linear if mode == "int8" else quant.Int4Linear)
+    assert isinstance(model.lm_head, quant.Int8Linear)  # the head is int8 in both modes (docs/quantization.md)
+
+    out = quant.save_quantized(model, source, tmp_path / "q")
+    config = read_json(out / "config.json")
+    assert config["quantization_config"]["quant_method"] == "minillama"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.1.mlp.up_proj.qweight" in names and "model.layers.1.mlp.up_proj.weight" not in names
+    assert ("lm_head.qweight" in names) == (checkpoint == "untied_with_bias")  # a tied head is saved once
+    assert (tmp_path / "q" / "tokenizer_config.json").exists() or not (source / "tokenizer_config.json").exists()
+
+    reloaded = load_model(out, "cpu")
+    assert str(reloaded) == str(model)
+    assert torch.equal(logits(reloaded), logits(model))
+    dequantized = load_model(out, "cpu", quantize="none")  # float weights from the saved quantized ones
+    assert isinstance(dequantized.model.layers[0].mlp.down_proj, nn.Linear)
+    torch.testing.assert_close(logits(dequantized), logits(model), atol=0.02, rtol=0.02)
+
+
+# ---- GGUF tensors kept quantized ---------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_gguf_blocks_load_without_dequantizing(kind, tmp_path):
+    hf_dir = make_hf_checkpoint(tmp_path / "hf", seed=5, **llama32_like())
+    types = {**{name: kind for name in LINEARS}, "token_embd.weight": Q.Q8_0}
+    path = write_gguf(hf_dir, tmp_path / "m.gguf", quant=types)
+    native = convert_gguf(path, tmp_path / "native", progress=False, keep_quantized=True)
+    dequantized = load_model(convert_gguf(path, tmp_path / "float", progress=False), "cpu")
+
+    model = load_model(native, "cpu")
+    expected = quant.Int8Linear if kind == Q.Q8_0 else quant.Int4Linear
+    assert isinstance(model.model.layers[0].self_attn.q_proj, expected)
+    assert isinstance(model.model.embed_tokens, quant.Int8Embedding) and isinstance(model.lm_head, quant.Int8Linear)
+    assert read_json(native / "config.json")["quantization_config"]["modules"]["model.layers.*.self_attn.q_proj"] \
+        == ("int8-g32" if kind == Q.Q8_0 else "int4-g32")
+    # The same numbers as the gguf package's own dequantization (q/k rows unpermuted alike) ...
+    torch.testing.assert_close(logits(load_model(native, "cpu", quantize="none")), logits(dequantized),
+                               atol=1e-5, rtol=1e-5)
+    # ... and run by the kernels: bf16 activations and scales
+    torch.testing.assert_close(logits(model), logits(dequantized), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("name, kind", [("blk.0.attn_q.weight", Q.Q5_0), ("token_embd.weight", Q.Q4_0)])
+def test_gguf_type_not_kept_is_named(name, kind, tmp_path):
+    hf_dir = make_hf_checkpoint(tmp_path / "hf", seed=6, **llama32_like())
+    path = write_gguf(hf_dir, tmp_path / "m.gguf", quant={name: kind})
+    with pytest.raises(MinillamaError, match=rf"tensor {name} is {kind.name}, which minillama cannot keep") as e:
+        convert_gguf(path, tmp_path / "out", progress=False, keep_quantized=True)
+    assert "\n" not in str(e.value) and "without --keep-quantized" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(quantize="int4", group_size=128), r"model\.layers\.0\.self_attn\.q_proj\.weight: its 64 inputs are not "
+                                            r"divisible by the group size 128; choose one that divides 64 \(32, 64\)"),
+    (dict(quantize="int8", group_size=48), r"q_proj\.weight: its 64 inputs are not divisible by the group size 48"),
+    (dict(quantize="int4", group_size=16), r"q_proj\.weight: int4 group size 16 is not supported; use 32, 64 or 128"),
+    (dict(quantize="int3"), r"unknown quantization 'int3'; use int8, int4 or none"),
+    (dict(group_size=32), r"a group size needs quantize int8 or int4"),
+])
+def test_errors_are_one_line_and_name_the_tensor(kwargs, message, tiny_llama2):
+    with pytest.raises(MinillamaError, match=message) as e:
+        load_model(tiny_llama2, "cpu", **kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_quantized_directory_errors(tiny_llama2, tmp_path):
+    out = quant.save_quantized(load_model(tiny_llama2, "cpu", quantize="int8"), tiny_llama2, tmp_path / "q")
+    with pytest.raises(MinillamaError, match="already holds quantized weights; load it as it is"):
+        load_model(out, "cpu", quantize="int4")
+    config = read_json(out / "config.json")
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MinillamaError, match="quantization_config 'gptq' is not supported"):
+        load_model(out, "cpu")
+
+
+# ---- the real SmolLM2, from its Q4_1 GGUF ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_runs_its_q4_1_weights(smollm2_gguf, smollm2_dir, tmp_path):
+    native = convert_gguf(smollm2_gguf, tmp_path / "native", progress=False, keep_quantized=True)
+    model = load_model(native, "cpu")
+    fp32 = load_model(smollm2_dir, "cpu", "float32")  # today's conversion: every tensor dequantized
+    assert weight_bytes(model) <= 0.25 * weight_bytes(fp32)
+    ids = torch.tensor([chat_prompt_ids(smollm2_dir, "What is the capital of France?")])
+    # The same numbers: dequantizing the kept tensors gives today's float32 model, bit for bit.
+    assert torch.equal(logits(load_model(native, "cpu", quantize="none"), ids), logits(fp32, ids))
+    # Run natively the only difference is bf16 rounding (activations and scales into the kernels): no larger
+    # than running the whole float32 model in bf16.
+    bf16_error = (logits(load_model(smollm2_dir, "cpu", "bfloat16"), ids).float() - logits(fp32, ids)).abs().max()
+    assert (logits(model, ids) - logits(fp32, ids)).abs().max() <= bf16_error
+    text = (Path(__file__).parent / "data" / "alice-chapter1.txt").read_text()
+    text_ids = load_tokenizer(smollm2_dir).encode(text)[:256]
+    assert perplexity(model, text_ids) <= 1.02 * perplexity(fp32, text_ids)
