@@ -215,3 +215,13 @@ def test_smollm2_runs_its_q4_1_weights(smollm2_gguf, smollm2_dir, tmp_path):
     text = (Path(__file__).parent / "data" / "alice-chapter1.txt").read_text()
     text_ids = load_tokenizer(smollm2_dir).encode(text)[:256]
     assert perplexity(model, text_ids) <= 1.02 * perplexity(fp32, text_ids)
+
+
+def test_cli_convert_gguf_keep_quantized(tmp_path):
+    from minillama.cli import main as cli_main
+
+    hf_dir = make_hf_checkpoint(tmp_path / "hf", seed=7, **llama32_like())
+    path = write_gguf(hf_dir, tmp_path / "m.gguf", quant={name: Q.Q8_0 for name in (*LINEARS, "token_embd.weight")})
+    assert cli_main(["convert-gguf", str(path), str(tmp_path / "out"), "--keep-quantized", "--quiet"]) == 0
+    assert read_json(tmp_path / "out" / "config.json")["quantization_config"]["quant_method"] == "minillama"
+    assert isinstance(load_model(tmp_path / "out", "cpu").model.layers[0].mlp.up_proj, quant.Int8Linear)
