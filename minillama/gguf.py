@@ -462,6 +462,80 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def expected_shape(hf: str, config: dict[str, Any]) -> tuple[int, ...] | None:
+    """The shape a Llama tensor must have under `config` (HF names); None for a layer past the last."""
+    C, V, I = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
+    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf)
+    if m and int(m.group(1)) >= config["num_hidden_layers"]:
+        return None
+    module, kind = (m.group(2), m.group(3)) if m else hf.rsplit(".", 1)
+    rows, cols = {
+        "model.embed_tokens": (V, C), "lm_head": (V, C), "model.norm": (C, None),
+        "input_layernorm": (C, None), "post_attention_layernorm": (C, None),
+        "self_attn.q_proj": (q, C), "self_attn.k_proj": (kv, C), "self_attn.v_proj": (kv, C),
+        "self_attn.o_proj": (C, q), "mlp.gate_proj": (I, C), "mlp.up_proj": (I, C), "mlp.down_proj": (C, I),
+    }[module]
+    return (rows,) if kind == "bias" or cols is None else (rows, cols)
+
+
+def check_tensors(tensors: list[gguf.ReaderTensor], config: dict[str, Any], path: Path) -> None:
+    """Every tensor a known name with the shape the metadata implies, before anything is converted."""
+    for t in tensors:
+        if t.name == "rope_freqs.weight":
+            continue
+        hf = hf_name(t.name)
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims as (cols, rows)
+        want = None if hf is None else expected_shape(hf, config)
+        if hf is None or want is None:
+            raise MinillamaError(f"{path}: unexpected tensor {t.name!r}; not a plain Llama GGUF")
+        if shape != want:
+            raise MinillamaError(f"{path}: tensor {t.name!r} has shape {list(shape)} but the metadata implies "
+                                 f"{list(want)}; the file is inconsistent")
+
+
+def read_gguf(path: Path) -> tuple[gguf.GGUFReader, _Metadata, dict[str, Any], str]:
+    """Open a GGUF file and check all of it that conversion relies on: the header against the file
+    (`check_gguf_header`), the metadata's types and ranges, the config, every tensor's name and shape, and
+    the tokenizer. Returns (reader, metadata, HF config, tokenizer.json text)."""
+    from minillama.config import LlamaConfig
+
+    if not path.is_file():
+        raise MinillamaError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
+    check_gguf_header(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, KeyError, IndexError, TypeError) as e:
+        raise MinillamaError(f"{path}: not a readable GGUF file ({' '.join(str(e).split())})") from None
+    meta = _Metadata(reader, path)
+    names = {t.name for t in reader.tensors}
+    config = read_config(meta, names, _model_dtype(reader.tensors))
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None or len(embed.shape) != 2:
+        raise MinillamaError(f"{path}: tensor 'token_embd.weight' is missing or not a matrix; the file is incomplete")
+    config["vocab_size"] = int(embed.shape[1])  # GGUF shapes are (cols, rows): the embedding is (C, V)
+    LlamaConfig.from_dict(config, source=f"{path} (its llama.* metadata)")  # ranges, divisibility, limits
+    check_tensors(reader.tensors, config, path)
+    if "rope_freqs.weight" in names:  # llama3 rope scaling, stored as computed divisors
+        freqs = to_torch(next(t for t in reader.tensors if t.name == "rope_freqs.weight")).float()
+        config["rope_scaling"] = llama3_scaling_from_factors(freqs, config["rope_theta"], config["head_dim"], path)
+    return reader, meta, config, build_tokenizer_json(meta)
+
+
+def _output_parent(out: Path) -> Path:
+    """Check the output directory can be created, before the slow part; returns its (existing) parent."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MinillamaError(f"{out}: already exists; remove it or choose another output directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as e:
+        raise MinillamaError(f"{out.parent}: cannot create this directory ({' '.join(str(e).split())}); "
+                             "choose another output directory") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise MinillamaError(f"{out.parent}: not writable; choose another output directory")
+    return out.parent
+
+
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True,
                  keep_quantized: bool = False) -> Path:
     """Convert a llama-architecture GGUF file into a Hugging Face model directory; returns `out_dir`.
