@@ -305,8 +305,9 @@ class LlamaForCausalLM(nn.Module):
         """An empty KV cache on the model's device and dtype (default length: the model's context), with as
         many key/value heads as the attention holds (fewer than the config's on a tensor-parallel rank)."""
         c, w = self.config, self.lm_head.weight
-        return KVCache(c.num_hidden_layers, batch_size, max_seq_len or c.max_position_embeddings,
-                       self.model.layers[0].self_attn.num_key_value_heads, c.head_dim, dtype=w.dtype, device=w.device)
+        n_kv_heads = self.model.layers[0].self_attn.num_key_value_heads
+        return KVCache(c.num_hidden_layers, batch_size, max_seq_len or c.max_position_embeddings, n_kv_heads,
+                       c.head_dim, dtype=w.dtype, device=w.device)
 
     def set_attn_implementation(self, name: str) -> None:
         """"sdpa" (default, fused kernels) or "eager" (explicit scores and fp32 softmax)."""
