@@ -61,9 +61,9 @@ def load_transformers_model(model_dir: Path, dtype: torch.dtype, device: torch.d
 
 
 def _our_outputs(model_dir: Path, input_ids: torch.Tensor, dtype: torch.dtype, device: torch.device,
-                 attention: str) -> list[torch.Tensor]:
+                 attention: str, **quantize) -> list[torch.Tensor]:
     """minillama's embeddings, layer outputs, final norm and logits (on the CPU), in forward order."""
-    model = load_model(model_dir, device=device, dtype=dtype)
+    model = load_model(model_dir, device=device, dtype=dtype, **quantize)
     model.set_attn_implementation(attention)
     names = ["model.embed_tokens", "model.layers.*.resid_post", "model.norm", "lm_head"]
     with torch.no_grad(), capture(model, names, offload="cpu") as acts:
@@ -94,14 +94,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 def diff_against_transformers(model_dir: str | Path, input_ids: torch.Tensor, *,
                               reference_dir: str | Path | None = None, tol: float = 1e-4,
                               dtype: str | torch.dtype = "float32", device: str | None = "cpu",
-                              attention: str = "sdpa", cross_kernel: bool = True) -> list[DiffRow]:
+                              attention: str = "sdpa", cross_kernel: bool = True, quantize: str | None = None,
+                              group_size: int | None = None) -> list[DiffRow]:
     """Compare minillama (loaded from model_dir) with transformers (from reference_dir, default the same).
 
     input_ids: (1, T). Both sides use the `attention` kernel ("sdpa", minillama's default, or "eager").
     Returns one row per compared output, in forward order; a row diverges when its max abs error exceeds
     `tol` times the largest reference value. With `cross_kernel`, each row also carries the relative error
     against transformers' other kernel. A second directory lets the two sides differ on purpose, e.g. a
-    converted checkpoint against its original.
+    converted checkpoint against its original. quantize, group_size: as `load_model`'s (--quantize int8 shows
+    where quantized weights move each layer).
     """
     if attention not in KERNELS:
         raise MinillamaError(f"attention must be one of {', '.join(KERNELS)}, got {attention!r}")
@@ -111,7 +113,7 @@ def diff_against_transformers(model_dir: str | Path, input_ids: torch.Tensor, *,
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, LlamaConfig.from_file(model_dir), device)
 
-    ours = _our_outputs(model_dir, input_ids, dtype, device, attention)
+    ours = _our_outputs(model_dir, input_ids, dtype, device, attention, quantize=quantize, group_size=group_size)
     ref = load_transformers_model(reference_dir, dtype, device, attention)
     same = _reference_outputs(ref, input_ids)
     if len(same) != len(ours):

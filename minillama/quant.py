@@ -251,6 +251,9 @@ def _load_quantized(module: Int8Linear | Int4Linear, names: tuple[str, ...], sta
 # ---- Whole models --------------------------------------------------------------------------------------
 
 MODES = ("int8", "int4")
+# The head is int8 in groups of 32 inputs, like llama.cpp's Q8_0 output tensors: one scale per output channel
+# moved SmolLM2's logits by up to 2.2 and changed its first greedy token (docs/quantization.md).
+HEAD_GROUP_SIZE = 32
 
 
 def check_shape(name: str, out_features: int, in_features: int, kind: str, group_size: int) -> None:
@@ -292,9 +295,9 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None = None, h
     """Swap the decoder's `nn.Linear`s for Int8Linear / Int4Linear in place, keeping their names; returns `model`.
 
     mode:       "int8" (per output channel unless group_size is given) or "int4" (groups of group_size, default 32).
-    head:       also make the output head int8 per output channel (int8 even for mode int4: docs/quantization.md
-                measures both). A tied embedding then becomes the same int8 table (`Int8Embedding`); an untied one
-                stays as it is. Norms always stay float.
+    head:       also make the output head int8, in groups of 32 inputs (int8 even for mode int4: the head decides
+                every token; docs/quantization.md measures it). A tied embedding then becomes the same int8 table
+                (`Int8Embedding`); an untied one stays as it is. Norms always stay float.
     """
     if mode not in MODES:
         raise MinillamaError(f"unknown quantization {mode!r}; use int8 or int4")
@@ -307,12 +310,13 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None = None, h
         model.set_submodule(name, quantize_linear(m, mode, G))
     if head and isinstance(model.lm_head, nn.Linear):
         embed = model.model.embed_tokens
+        head_group = HEAD_GROUP_SIZE if model.lm_head.in_features % HEAD_GROUP_SIZE == 0 else None
         if model.lm_head.weight is embed.weight:  # tied: one int8 table serves both
-            table = Int8Embedding(*embed.weight.shape, device="meta", dtype=embed.weight.dtype)
-            table.set_quantized(*quantize_int8(embed.weight))
+            table = Int8Embedding(*embed.weight.shape, head_group, device="meta", dtype=embed.weight.dtype)
+            table.set_quantized(*quantize_int8(embed.weight, head_group))
             model.model.embed_tokens, model.lm_head = table, table.tied_head()
         else:
-            model.lm_head = quantize_linear(model.lm_head, "int8", None)
+            model.lm_head = quantize_linear(model.lm_head, "int8", head_group)
     return model
 
 

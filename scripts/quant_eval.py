@@ -39,12 +39,14 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
 # name -> (directory under --work, how to get the model from it)
 VARIANTS = {
     "fp32": ("fp32", {}),
+    "bf16": ("fp32", {"dtype": "bfloat16"}),  # a yardstick: the same weights, every activation in bf16
     "int8": ("int8", {}),
     "int4-g32": ("int4-g32", {}),
     "int4-g64": ("int4-g64", {}),
     "int4-g128": ("fp32", {"quantize": "int4", "group_size": 128}),  # 576 inputs: refused, reported as such
     "int4-g32-float-head": ("fp32", {"head": False}),
     "q4_1-native": ("native", {}),
+    "int8-fp32-math": ("int8", {"quantize": "none"}),  # the int8 weights dequantized: the reference's numbers
 }
 
 

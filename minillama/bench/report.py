@@ -33,10 +33,13 @@ def figures(results: dict[str, dict[str, Any]], copy_gb_s: float, context: dict[
             records.append({"figure": "error", "side": side, "value": r["error"], "unit": "", **context})
     results = {side: r for side, r in results.items() if "error" not in r}
     ours = [side for side in results if side.partition(":")[0] == "minillama"]  # minillama and its variants
-    weight_bytes = next((results[side]["weight_bytes"] for side in ours), None)
+    # The float weights' bytes (what the reference sides read); a quantized side reads its own, fewer.
+    float_sides = [side for side in ours if "quantize=" not in side] or ours
+    weight_bytes = next((results[side]["weight_bytes"] for side in float_sides), None)
     for side, r in results.items():
-        if weight_bytes and r.get("decode_tok_s"):
-            r["bandwidth_fraction"] = r["decode_tok_s"] * weight_bytes / (copy_gb_s * 1e9)
+        read = r.get("weight_bytes", weight_bytes) if side in ours else weight_bytes
+        if read and r.get("decode_tok_s"):
+            r["bandwidth_fraction"] = r["decode_tok_s"] * read / (copy_gb_s * 1e9)
         for key, unit in UNITS.items():
             if r.get(key) is not None:
                 extra = {"mem_kind": r["mem_kind"]} if key == "peak_mem_mb" else {}
@@ -46,6 +49,10 @@ def figures(results: dict[str, dict[str, Any]], copy_gb_s: float, context: dict[
                 records.append({"figure": key, "side": side, "value": r[key], "unit": "graphs", **context})
     if weight_bytes:
         records.append({"figure": "weight_bytes", "side": "minillama", "value": weight_bytes, "unit": "B", **context})
+    for side in ours:  # a quantized side's own bytes
+        if "quantize=" in side and results[side].get("weight_bytes"):
+            records.append({"figure": "weight_bytes", "side": side, "value": results[side]["weight_bytes"],
+                            "unit": "B", **context})
     for side in ours:
         mine = results[side]
         for ref, r in results.items():

@@ -21,7 +21,8 @@ from minillama.errors import MinillamaError
 # one run (each variant is its own side, in its own process; see workers.run_minillama).
 VARIANT_OPTIONS = {"compile": {"on": True, "off": False}, "pack": {"on": True, "off": False},
                    "attention": {"sdpa": "sdpa", "math": "math"}, "tuning": {"on": True, "off": False},
-                   "pdl": {"on": True, "off": False}, "lag": {str(n): n for n in range(9)}}
+                   "pdl": {"on": True, "off": False}, "lag": {str(n): n for n in range(9)},
+                   "quantize": {"int8": "int8", "int4": "int4"}, "group": {"32": 32, "64": 64, "128": 128}}
 
 
 def parse_side(side: str) -> tuple[str, dict[str, Any]]:

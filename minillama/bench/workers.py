@@ -120,7 +120,8 @@ def run_minillama(spec: dict[str, Any]) -> dict[str, Any]:
 
     The side's options (a variant such as "minillama:compile=on/attention=math"): compile (the engine:
     compiled or eager; default compiled on CUDA), pack (oneDNN-packed weights; default on for the eager
-    engine on a CPU), attention ("math": model.py's explicit attention instead of SDPA), tuning, pdl, lag.
+    engine on a CPU), attention ("math": model.py's explicit attention instead of SDPA), tuning, pdl, lag,
+    quantize and group (int8 / int4 weights: `load_model`'s quantize and group_size).
     """
     from minillama.checkpoint import load_model, resolve_device
     from minillama.fast import CompiledEngine, cuda_graphs_recorded
@@ -133,7 +134,7 @@ def run_minillama(spec: dict[str, Any]) -> dict[str, Any]:
     P, N = spec["prompt_len"], spec["new_tokens"]
     start = time.perf_counter()
     model = load_model(spec["model"], device=device, dtype=spec["dtype"], pack=options.get("pack", not compile),
-                       tp=spec.get("tp", False))
+                       tp=spec.get("tp", False), quantize=options.get("quantize"), group_size=options.get("group"))
     _sync(device)
     load_s = time.perf_counter() - start  # the model is ready for model(ids), like from_pretrained's
     prompt = _prompt(spec, model.config.vocab_size).to(device)
@@ -167,7 +168,8 @@ def run_minillama(spec: dict[str, Any]) -> dict[str, Any]:
     prefill()
     _sync(device)
     warmup_s = time.perf_counter() - start
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied and shared ones counted once
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())  # quantized weights are buffers
     measured = _measure(spec, device, prefill, run_generate)
     extra["peak_mem_mb"], extra["mem_kind"] = _peak_memory_mb(device)  # before the check's own forward
     return {"load_s": load_s, "warmup_s": warmup_s, "weight_bytes": weight_bytes, **extra, **measured,

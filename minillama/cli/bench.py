@@ -37,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="seconds for all sides together: a side is cut off when they run out and later sides are "
                         "skipped (list the sides in order of importance)")
+    p.add_argument("--quantize", help="comma-separated int8, int4: also a minillama side with those weights "
+                                      "(= --sides ...,minillama:quantize=int4; int4 in groups of 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt and random weights")
     p.add_argument("--offline", action="store_true", help="use only files already downloaded")
     p.add_argument("--json", action="store_true", help="one JSON object per line, one line per figure")
@@ -52,6 +54,12 @@ def run(args: argparse.Namespace) -> int:
     if sum(bool(x) for x in (args.model, args.config, args.tiny)) > 1:
         raise MinillamaError("give one of MODEL, --config FILE or --tiny")
     sides = args.sides.split(",") if args.sides else None
+    if args.quantize:
+        from minillama.bench.run import default_sides
+        from minillama.checkpoint import resolve_device
+
+        sides = (sides or default_sides(resolve_device(args.device))) + \
+            [f"minillama:quantize={mode}" for mode in args.quantize.split(",")]
     if sides is None or any(side.strip().startswith("transformers") for side in sides):
         from minillama.optional import require
 
@@ -78,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
     records = run_bench(model, config=config, device=args.device, dtype=args.dtype, prompt_len=args.prompt_len,
-                        new_tokens=args.new_tokens, repeats=args.repeats,
-                        sides=sides,
+                        new_tokens=args.new_tokens, repeats=args.repeats, sides=sides,
                         compile={"auto": None, "on": True, "off": False}[args.compile], seed=args.seed,
                         side_timeout=args.side_timeout, time_budget=args.time_budget, progress=progress)
     if not records:  # a rank other than 0 under torchrun: rank 0 reports every rank's figures

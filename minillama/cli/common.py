@@ -27,7 +27,20 @@ def add_model_args(p: argparse.ArgumentParser, dtype: str | None = None) -> None
     p.add_argument("--dtype", default=dtype, help="float32, bfloat16, float16 (default: "
                    + (dtype or "the checkpoint's on a GPU, float32 on CPU") + ")")
     p.add_argument("--offline", action="store_true", help="use only files already downloaded (also HF_HUB_OFFLINE=1)")
+    p.add_argument("--quantize", choices=["int8", "int4", "none"],
+                   help="int8 / int4: weight-only quantization as the model loads (CPU; docs/quantization.md); "
+                        "none: float weights, dequantizing a quantized model. Default: the weights as stored; "
+                        "a --dtype without --quantize also gives float weights")
+    p.add_argument("--group-size", type=int, help="int4 group size: 32 (default), 64 or 128; for int8, one scale "
+                                                  "per group instead of one per output channel")
     add_tp_arg(p)
+
+
+def quantize_args(args: argparse.Namespace) -> dict:
+    """load_model's quantize and group_size: --quantize as given; otherwise a --dtype (given, or diff's float32
+    default) means float weights, and nothing means the weights as stored."""
+    quantize = args.quantize or ("none" if args.dtype else None)
+    return {"quantize": quantize, "group_size": args.group_size}
 
 
 def add_tp_arg(p: argparse.ArgumentParser) -> None:
@@ -239,7 +252,8 @@ def load_all(args: argparse.Namespace) -> Loaded:
     tokenizer = load_tokenizer(path)
     start = time.perf_counter()
     # The eager engine on a CPU runs fastest on oneDNN-packed weights (the compiled one needs plain ones).
-    model = load_model(path, device=device, dtype=args.dtype, pack=engine == "eager", tp=tensor_parallel())
+    model = load_model(path, device=device, dtype=args.dtype, pack=engine == "eager", tp=tensor_parallel(),
+                       **quantize_args(args))
     return Loaded(path, model, tokenizer, generation_config, time.perf_counter() - start, engine, sources)
 
 

@@ -10,8 +10,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from minillama.cli.common import (add_model_args, add_prompt_args, eprint, prompt_input_ids, read_prompt,
-                                  resolve_model_arg, use_raw)
+from minillama.cli.common import (add_model_args, add_prompt_args, eprint, prompt_input_ids, quantize_args,
+                                  read_prompt, resolve_model_arg, use_raw)
 from minillama.optional import require
 
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, config, device)
     _, ids = prompt_input_ids(model_dir, prompt, use_raw(args), config.vocab_size)
     rows = diff_against_transformers(model_dir, ids, reference_dir=reference_dir, tol=args.tol, dtype=dtype,
-                                     device=device, attention=args.attention)
+                                     device=device, attention=args.attention, **quantize_args(args))
     bad = first_divergence(rows)
     if args.json:
         print(json.dumps({"tol": args.tol, "attention": args.attention, "rows": [asdict(r) for r in rows],

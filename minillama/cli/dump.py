@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from minillama.cli.common import (add_model_args, add_prompt_args, prompt_input_ids, read_prompt,
+from minillama.cli.common import (add_model_args, add_prompt_args, prompt_input_ids, quantize_args, read_prompt,
                                   resolve_model_arg, tensor_parallel, use_raw)
 from minillama.files import check_output_file
 
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(path, args.force)
     prompt = read_prompt(args)
     model_dir = resolve_model_arg(args)
-    model = load_model(model_dir, device=args.device, dtype=args.dtype, tp=tensor_parallel())
+    model = load_model(model_dir, device=args.device, dtype=args.dtype, tp=tensor_parallel(), **quantize_args(args))
     text, ids = prompt_input_ids(model_dir, prompt, use_raw(args), model.config.vocab_size)
     ids = ids.to(model.device)
     if tensor_parallel() and torch.distributed.get_rank() != 0:  # the same forward, for its collectives;

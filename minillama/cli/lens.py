@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from minillama.cli.common import (add_model_args, add_prompt_args, eprint, prompt_input_ids, read_prompt,
-                                  resolve_model_arg, use_raw)
+from minillama.cli.common import (add_model_args, add_prompt_args, eprint, prompt_input_ids, quantize_args,
+                                  read_prompt, resolve_model_arg, use_raw)
 from minillama.errors import MinillamaError
 from minillama.optional import require
 
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise MinillamaError(f"--top must be at least 1, got {args.top}")
     prompt = read_prompt(args)
     model_dir = resolve_model_arg(args)
-    model = load_model(model_dir, device=args.device, dtype=args.dtype)
+    model = load_model(model_dir, device=args.device, dtype=args.dtype, **quantize_args(args))
     if args.top > model.config.vocab_size:
         raise MinillamaError(f"--top must be at most the vocabulary size {model.config.vocab_size}, got {args.top}")
     _, ids = prompt_input_ids(model_dir, prompt, use_raw(args), model.config.vocab_size)
