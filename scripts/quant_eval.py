@@ -39,6 +39,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
 # name -> (directory under --work, how to get the model from it)
 VARIANTS = {
     "fp32": ("fp32", {}),
+    "fp32-packed": ("fp32", {"pack": True}),  # the CPU eager engine's float32 weights (oneDNN layout)
     "bf16": ("fp32", {"dtype": "bfloat16"}),  # a yardstick: the same weights, every activation in bf16
     "int8": ("int8", {}),
     "int4-g32": ("int4-g32", {}),
@@ -135,7 +136,7 @@ def speed_one(work: Path, name: str, n: int) -> dict:
                                                                 tokenize=True)
     greedy(model, prompt, 8)  # warm-up
     _, seconds = greedy(model, prompt, n, timed=True)
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # shared ones once
     return {"tok_s": (n - 1) / seconds, "weight_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "load_s": load_s}
 

@@ -40,7 +40,7 @@ def logits(model, ids=IDS) -> torch.Tensor:
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every tensor the model holds (parameters and buffers), a shared one counted once."""
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
