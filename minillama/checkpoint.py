@@ -264,17 +264,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     if tp and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # one GPU per rank (tp.init sets it)
     dtype = resolve_dtype(dtype, config, device)
-    if quantize not in (None, "none", *quant.MODES):
-        raise MinillamaError(f"unknown quantization {quantize!r}; use int8, int4 or none")
-    if group_size is not None and quantize not in quant.MODES:
-        raise MinillamaError("a group size needs quantize int8 or int4")
-    quantized = quant.read_quantization_config(read_json_object(model_dir / "config.json"),
-                                               str(model_dir / "config.json"))
-    if quantized and quantize in quant.MODES:
-        raise MinillamaError(f"{model_dir}: already holds quantized weights; load it as it is (no quantize), "
-                             "or dequantized (quantize 'none')")
-    if tp and (quantize in quant.MODES or quantized):
-        raise MinillamaError("tensor parallelism and int8/int4 weights do not combine yet; use one of them")
+    quantized = _check_quantize(model_dir, quantize, group_size, tp)
     plan = group = None
     if tp:
         from minillama import tp as tensor_parallel  # torch.distributed is imported only when used
@@ -311,3 +301,20 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     # as transformers' `model.generation_config`.
     model.generation_config = GenerationConfig.from_model_dir(model_dir)
     return model.eval()
+
+
+def _check_quantize(model_dir: Path, quantize: str | None, group_size: int | None, tp: bool):
+    """load_model's quantization arguments, checked against what the directory holds; returns its stored
+    quantization config (None for float weights)."""
+    if quantize not in (None, "none", *quant.MODES):
+        raise MinillamaError(f"unknown quantization {quantize!r}; use int8, int4 or none")
+    if group_size is not None and quantize not in quant.MODES:
+        raise MinillamaError("a group size needs quantize int8 or int4")
+    quantized = quant.read_quantization_config(read_json_object(model_dir / "config.json"),
+                                               str(model_dir / "config.json"))
+    if quantized and quantize in quant.MODES:
+        raise MinillamaError(f"{model_dir}: already holds quantized weights; load it as it is (no quantize), "
+                             "or dequantized (quantize 'none')")
+    if tp and (quantize in quant.MODES or quantized):
+        raise MinillamaError("tensor parallelism and int8/int4 weights do not combine yet; use one of them")
+    return quantized
