@@ -304,7 +304,7 @@ class LlamaForCausalLM(nn.Module):
     def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
         """An empty KV cache on the model's device and dtype (default length: the model's context), with as
         many key/value heads as the attention holds (fewer than the config's on a tensor-parallel rank)."""
-        c, w = self.config, self.lm_head.weight
+        c, w = self.config, self.model.norm.weight
         n_kv_heads = self.model.layers[0].self_attn.num_key_value_heads
         return KVCache(c.num_hidden_layers, batch_size, max_seq_len or c.max_position_embeddings, n_kv_heads,
                        c.head_dim, dtype=w.dtype, device=w.device)
@@ -318,8 +318,8 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device  # (a norm: never packed, quantized or sharded)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.norm.weight.dtype
