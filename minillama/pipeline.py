@@ -80,6 +80,6 @@ class ChatPipeline:
 def pipeline(model_dir: str | Path, device: str | torch.device | None = None,
              dtype: str | torch.dtype | None = None, seed: int | None = None) -> ChatPipeline:
     """Load a model directory (weights, tokenizer, generation_config.json) into a `ChatPipeline`."""
-    model = load_model(model_dir, device=device, dtype=dtype, pack=True)  # packed: CPU float32 only, ~2x decode
+    model = load_model(model_dir, device=device, dtype=dtype, pack=True)  # packed: CPU float32 only, faster decode
     tokenizer = load_tokenizer(model_dir)
     return ChatPipeline(model, tokenizer, GenerationConfig.from_model_dir(model_dir), seed=seed)
