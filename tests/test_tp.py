@@ -192,8 +192,7 @@ def test_tensor_parallel_matches_one_process(world, models, reference, tmp_path)
         assert dead["seconds"] < TIMEOUT_S + 10, dead
 
 
-@pytest.mark.skipif(not os.environ.get("MINILLAMA_TEST_TP_COMPILED"), reason="compiling the step in 2 processes "
-                    "takes ~45 s on the 2-core CI machine; set MINILLAMA_TEST_TP_COMPILED=1 to run it")
+@pytest.mark.slow  # compiling the step in 2 processes: ~45 s on the 2-core CI machine
 def test_compiled_step_under_tp(models, reference, tmp_path):
     """torch.compile traces the collectives (functional all-reduce, all-gather) into the decode step."""
     reports = _run_ranks(2, {"mha": str(models["mha"])}, tmp_path, compiled=True)
