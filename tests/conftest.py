@@ -106,14 +106,31 @@ def smollm2_gguf(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory, smollm2_gguf) -> Path:
-    """The default model (SmolLM2-135M-Instruct), converted once per session through minillama's own
-    first-use path (`minillama.hub.default_model`) into a temporary cache directory."""
+def smollm2_cache(tmp_path_factory) -> Path:
+    """A minillama cache directory for this session (MINILLAMA_CACHE), where the default model's forms go."""
+    return tmp_path_factory.mktemp("minillama-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_cache, smollm2_gguf) -> Path:
+    """The default model (SmolLM2-135M-Instruct) dequantized to float32, converted once per session through
+    minillama's own first-use path (`minillama.hub.default_model`): what the parity tests compare."""
     from minillama.hub import default_model
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MINILLAMA_CACHE", str(tmp_path_factory.mktemp("minillama-cache")))
+        mp.setenv("MINILLAMA_CACHE", str(smollm2_cache))
         return default_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_q4_dir(smollm2_cache, smollm2_gguf) -> Path:
+    """The default model with its GGUF's Q4_1 blocks kept (`default_model(quantized=True)`), in the same cache
+    as smollm2_dir: what `minillama chat` runs on a CPU."""
+    from minillama.hub import default_model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINILLAMA_CACHE", str(smollm2_cache))
+        return default_model(quantized=True)
 
 
 @pytest.fixture(scope="session")

@@ -267,11 +267,13 @@ def send_and_wait_for_reply(child, line: str) -> None:
     child.expect(r"\S", timeout=60)  # the reply has started streaming
 
 
-def test_default_model_reaches_a_chat_prompt_and_answers(smollm2_dir):
-    """What the README's first command ends in: `minillama chat` with no arguments, on the real default model;
-    its model file sets no sampling, so the banner shows the chat defaults; the reply ends at its end of turn."""
-    child = spawn_chat("--greedy", "-n", "30", env={"MINILLAMA_CACHE": str(smollm2_dir.parent)})
-    assert "smollm2-135m-instruct" in child.before and "tokenizer_config.json" in child.before
+def test_default_model_reaches_a_chat_prompt_and_answers(smollm2_q4_dir):
+    """What the README's first command ends in: `minillama chat` with no arguments, on the real default model
+    and its own 4-bit weights; its model file sets no sampling, so the banner shows the chat defaults; the reply
+    ends at its end of turn."""
+    child = spawn_chat("--greedy", "-n", "30", env={"MINILLAMA_CACHE": str(smollm2_q4_dir.parent)})
+    assert str(smollm2_q4_dir) in child.before and "tokenizer_config.json" in child.before
+    assert "(float32; weights int4-g32 x210, int8-g32 x2)" in child.before  # Q4_1 layers, Q8_0 embedding + head
     assert "sampling: greedy, max-new-tokens 30 (from flags); repeat-penalty 1 (defaults)\r\n" in child.before
     child.sendline("What is the capital of France?")
     child.expect(STATS)

@@ -3,6 +3,7 @@ Hugging Face cache, and mocked hub errors (401, 403, 404, unreachable)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -68,12 +69,24 @@ def test_default_model_second_use_reads_the_cache(smollm2_dir, monkeypatch):
     assert load_model(smollm2_dir, "cpu").config.num_hidden_layers == 30
 
 
+def test_default_model_has_a_float_and_a_4bit_form(smollm2_dir, smollm2_q4_dir, monkeypatch):
+    """The one GGUF gives two cache directories: float32 (any device, transformers can read it) and its own
+    Q4_1 blocks kept (what chat runs on a CPU); each resolves from the cache without converting again."""
+    monkeypatch.setenv("MINILLAMA_CACHE", str(smollm2_dir.parent))
+    monkeypatch.setattr(minillama.gguf, "convert_gguf", lambda *a, **k: pytest.fail("converted a second time"))
+    assert resolve_model(DEFAULT_MODEL, quantized=True) == smollm2_q4_dir == smollm2_dir.parent / hub.DEFAULT_QUANTIZED
+    assert "quantization_config" in json.loads((smollm2_q4_dir / "config.json").read_text())
+    assert "quantization_config" not in json.loads((smollm2_dir / "config.json").read_text())
+    sizes = [sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in (smollm2_q4_dir, smollm2_dir)]
+    assert sizes[0] < 0.25 * sizes[1]  # the 4-bit blocks stay 4-bit on disk too
+
+
 def test_default_model_first_use_says_so_and_interrupt_leaves_nothing(monkeypatch, tmp_path, capsys):
     """An interrupted first conversion leaves no model at the cache path; the next run converts afresh."""
     monkeypatch.setenv("MINILLAMA_CACHE", str(tmp_path))
     monkeypatch.setattr(hub, "fetch_default_gguf", lambda tmp, offline=False: Path("fake.gguf"))
 
-    def interrupted(gguf_path, out_dir, progress=True):
+    def interrupted(gguf_path, out_dir, progress=True, keep_quantized=False):
         Path(out_dir).parent.joinpath(".partial").mkdir()  # stands in for the temp dir convert_gguf removes
         raise KeyboardInterrupt
 
@@ -85,7 +98,7 @@ def test_default_model_first_use_says_so_and_interrupt_leaves_nothing(monkeypatc
 
     calls = []
 
-    def convert(gguf_path, out_dir, progress=True):
+    def convert(gguf_path, out_dir, progress=True, keep_quantized=False):
         calls.append(gguf_path)
         Path(out_dir).mkdir()
         (Path(out_dir) / "config.json").write_text("{}")

@@ -5,6 +5,8 @@ and one-line errors that name the tensor."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -200,8 +202,8 @@ def test_quantized_directory_errors(tiny_llama2, tmp_path):
 # ---- the real SmolLM2, from its Q4_1 GGUF ----------------------------------------------------------
 
 @pytest.mark.slow
-def test_smollm2_runs_its_q4_1_weights(smollm2_gguf, smollm2_dir, tmp_path):
-    native = convert_gguf(smollm2_gguf, tmp_path / "native", progress=False, keep_quantized=True)
+def test_smollm2_runs_its_q4_1_weights(smollm2_q4_dir, smollm2_dir):
+    native = smollm2_q4_dir  # the GGUF converted with keep_quantized=True: what `minillama chat` runs
     model = load_model(native, "cpu")
     fp32 = load_model(smollm2_dir, "cpu", "float32")  # today's conversion: every tensor dequantized
     assert weight_bytes(model) <= 0.25 * weight_bytes(fp32)
@@ -229,24 +231,6 @@ def test_cli_convert_gguf_keep_quantized(tmp_path):
 
 # ---- the command line -------------------------------------------------------------------------------
 
-def _quantized_model_has_a_device() -> bool:
-    """model.device / dtype / new_cache must not read lm_head.weight, which a quantized head does not have."""
-    from minillama.config import LlamaConfig
-    from minillama.model import LlamaForCausalLM
-
-    config = LlamaConfig.from_dict({"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-                                    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1})
-    model = quant.quantize_model(LlamaForCausalLM(config), "int8")
-    try:
-        return model.device.type == "cpu"
-    except AttributeError:
-        return False
-
-
-needs_device_hook = pytest.mark.skipif(not _quantized_model_has_a_device(),
-                                       reason="model.py reads device/dtype from lm_head.weight (docs/quantization.md)")
-
-
 def test_dtype_without_quantize_means_float_weights():
     from argparse import Namespace
 
@@ -258,7 +242,24 @@ def test_dtype_without_quantize_means_float_weights():
                                                                                          "group_size": 64}
 
 
-@needs_device_hook
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, quantized", [([], True), (["--dtype", "float32"], False),
+                                              (["--quantize", "none"], False), (["--quantize", "int8"], False),
+                                              (["--engine", "compiled"], False)])
+def test_default_model_runs_its_4bit_weights_unless_asked(flags, quantized, smollm2_dir, smollm2_q4_dir,
+                                                          monkeypatch):
+    """`minillama chat` / `generate` on the default model: its own Q4_1 blocks on a CPU; --dtype or --quantize
+    (or the compiled engine) take the float32 conversion, as before."""
+    from minillama.cli import build_parser
+    from minillama.cli.common import load_all
+
+    monkeypatch.setenv("MINILLAMA_CACHE", str(smollm2_dir.parent))
+    loaded = load_all(build_parser().parse_args(["generate", "--prompt", "hi", "--device", "cpu", *flags]))
+    assert loaded.path == (smollm2_q4_dir if quantized else smollm2_dir)
+    formats = set(quant.formats(loaded.model).values())
+    assert formats == ({"int4-g32", "int8-g32"} if quantized else {"int8", "int8-g32"} if "int8" in flags else set())
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_cli_tools_take_quantize(mode, chat_model, tmp_path, capsys):
     from minillama.cli import main as cli_main
@@ -273,7 +274,6 @@ def test_cli_tools_take_quantize(mode, chat_model, tmp_path, capsys):
     assert 0 < rows[-1]["rel"] < 0.1
 
 
-@needs_device_hook
 def test_bench_quantized_sides(capsys):
     from minillama.cli import main as cli_main
 
@@ -285,3 +285,96 @@ def test_bench_quantized_sides(capsys):
         assert by[("decode_tok_s", side)] > 0 and by[("bandwidth_fraction", side)] > 0
         assert by[("weight_bytes", side)] < by[("weight_bytes", "minillama")]
         assert by[("tokens_checked", side)] == 1.0  # the timed tokens are the quantized model's own argmax
+
+
+# ---- the bench's GGUF sides: minillama on the file's own blocks, and llama.cpp -------------------------
+
+FAKE_LLAMA_CPP = '''
+"""A stand-in for llama-cpp-python (not installable in CI): the API the bench's llama.cpp side calls, answering
+with minillama's float model of the same GGUF, and recording how it was called."""
+import json, os
+import torch
+from minillama import load_model
+
+class Llama:
+    def __init__(self, model_path, n_ctx, n_batch, n_threads, n_threads_batch, verbose):
+        self.model = load_model(os.environ["FAKE_LLAMA_CPP_MODEL"], "cpu")
+        self.log = {"model_path": model_path, "n_ctx": n_ctx, "n_threads": n_threads, "resets": 0, "evals": []}
+        self.tokens = []
+
+    def n_vocab(self):
+        return self.model.config.vocab_size
+
+    def reset(self):
+        self.log["resets"] += 1
+        self.tokens = []
+
+    def eval(self, tokens):
+        assert not self.tokens, "eval after reset only: the whole prompt is evaluated"
+        self.log["evals"].append(len(tokens))
+        self.tokens = list(tokens)
+
+    def generate(self, tokens, top_k, top_p, min_p, temp, repeat_penalty):
+        assert (top_k, temp, repeat_penalty) == (1, 0.0, 1.0)  # greedy, nothing else
+        with open(os.environ["FAKE_LLAMA_CPP_LOG"], "w") as f:
+            json.dump(self.log, f)
+        ids = list(tokens)
+        while True:  # like llama.cpp's generate: never stops by itself
+            token = int(self.model(torch.tensor([ids]))[0, -1].argmax())
+            ids.append(token)
+            yield token
+'''
+
+
+@pytest.fixture
+def converted_gguf(tmp_path):
+    """A tiny model as a Q4_1 GGUF (Q8_0 embedding) and its float conversion, as `minillama bench` sees them."""
+    hf_dir = make_hf_checkpoint(tmp_path / "hf", seed=9, **llama32_like())
+    path = write_gguf(hf_dir, tmp_path / "m.gguf", quant={**{name: Q.Q4_1 for name in LINEARS},
+                                                          "token_embd.weight": Q.Q8_0})
+    return path, convert_gguf(path, tmp_path / "float", progress=False)
+
+
+def test_bench_gguf_and_llama_cpp_sides(converted_gguf, tmp_path, monkeypatch, capsys):
+    from minillama.cli import main as cli_main
+
+    path, float_dir = converted_gguf
+    fake = tmp_path / "fake-site"
+    (fake / "llama_cpp").mkdir(parents=True)
+    (fake / "llama_cpp" / "__init__.py").write_text(FAKE_LLAMA_CPP)
+    monkeypatch.syspath_prepend(str(fake))  # `installed("llama_cpp")` in this process
+    monkeypatch.setenv("PYTHONPATH", str(fake))  # and the side's own process
+    monkeypatch.setenv("FAKE_LLAMA_CPP_MODEL", str(float_dir))
+    monkeypatch.setenv("FAKE_LLAMA_CPP_LOG", str(tmp_path / "calls.json"))
+    assert cli_main(["bench", str(float_dir), "--gguf", str(path), "--quantize", "gguf", "--sides", "minillama",
+                     "--prompt-len", "5", "-n", "4", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by = {(r["figure"], r["side"]): r["value"] for r in records}
+    native = "minillama:weights=gguf"
+    assert by[("tokens_checked", native)] == 1.0  # the timed tokens are the Q4_1 model's own argmax
+    assert by[("weight_bytes", native)] < 0.5 * by[("weight_bytes", "minillama")]
+    assert by[("weight_bytes", "llama.cpp")] == sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+    assert by[("decode_ratio", f"{native}/llama.cpp")] > 0 and by[("bandwidth_fraction", "llama.cpp")] > 0
+    assert by[("tokens_agree", "minillama/llama.cpp")] == 4  # the stand-in answers with the float model
+    calls = json.loads((tmp_path / "calls.json").read_text())
+    side_threads = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                                  capture_output=True, text=True, check=True).stdout  # what each side's process has
+    assert calls["model_path"] == str(path) and calls["n_ctx"] == 9 and calls["n_threads"] == int(side_threads)
+    # Prefill (warm-up, then timed) evaluates the whole prompt each time, after a reset; so does each generate.
+    assert calls["evals"] == [5, 5] and calls["resets"] == 4
+
+
+def test_bench_gguf_side_errors(converted_gguf, monkeypatch, capsys):
+    from minillama.cli import main as cli_main
+
+    path, float_dir = converted_gguf
+    monkeypatch.setattr("minillama.optional.installed", lambda module: module != "llama_cpp")
+    assert cli_main(["bench", str(float_dir), "--quantize", "gguf", "--sides", "minillama"]) == 2
+    assert "give it with --gguf FILE" in capsys.readouterr().err
+    assert cli_main(["bench", str(float_dir), "--gguf", "nope.gguf", "--quantize", "gguf", "--sides", "minillama"]) == 2
+    assert "nope.gguf: no such GGUF file" in capsys.readouterr().err
+    assert cli_main(["bench", str(float_dir), "--gguf", str(path), "--sides", "llama.cpp"]) == 2
+    assert capsys.readouterr().err.strip().endswith("the llama.cpp side needs llama_cpp, which is not installed: "
+                                                    "pip install llama-cpp-python")
+    assert cli_main(["bench", str(float_dir), "--quantize", "int2", "--sides", "minillama"]) == 2
+    assert "--quantize int2: choose from int8, int4, gguf" in capsys.readouterr().err

@@ -20,6 +20,11 @@ def summary(result: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def quantized_side(side: str) -> bool:
+    """A minillama side on int8/int4 weights: quantized as it loads, or a GGUF's own blocks."""
+    return "quantize=" in side or "weights=gguf" in side
+
+
 UNITS = {"load_s": "s", "warmup_s": "s", "prompt_tok_s": "tok/s", "ttft_s": "s", "decode_tok_s": "tok/s",
          "peak_mem_mb": "MB", "bandwidth_fraction": "", "tokens_checked": ""}
 
@@ -33,11 +38,11 @@ def figures(results: dict[str, dict[str, Any]], copy_gb_s: float, context: dict[
             records.append({"figure": "error", "side": side, "value": r["error"], "unit": "", **context})
     results = {side: r for side, r in results.items() if "error" not in r}
     ours = [side for side in results if side.partition(":")[0] == "minillama"]  # minillama and its variants
-    # The float weights' bytes (what the reference sides read); a quantized side reads its own, fewer.
-    float_sides = [side for side in ours if "quantize=" not in side] or ours
+    # The float weights' bytes (what transformers reads); a quantized side (and llama.cpp) reads its own, fewer.
+    float_sides = [side for side in ours if not quantized_side(side)] or ours
     weight_bytes = next((results[side]["weight_bytes"] for side in float_sides), None)
     for side, r in results.items():
-        read = r.get("weight_bytes", weight_bytes) if side in ours else weight_bytes
+        read = r.get("weight_bytes", weight_bytes) if side in ours or side == "llama.cpp" else weight_bytes
         if read and r.get("decode_tok_s"):
             r["bandwidth_fraction"] = r["decode_tok_s"] * read / (copy_gb_s * 1e9)
         for key, unit in UNITS.items():
@@ -49,8 +54,8 @@ def figures(results: dict[str, dict[str, Any]], copy_gb_s: float, context: dict[
                 records.append({"figure": key, "side": side, "value": r[key], "unit": "graphs", **context})
     if weight_bytes:
         records.append({"figure": "weight_bytes", "side": "minillama", "value": weight_bytes, "unit": "B", **context})
-    for side in ours:  # a quantized side's own bytes
-        if "quantize=" in side and results[side].get("weight_bytes"):
+    for side in results:  # a quantized side's own bytes
+        if (quantized_side(side) or side == "llama.cpp") and results[side].get("weight_bytes"):
             records.append({"figure": "weight_bytes", "side": side, "value": results[side]["weight_bytes"],
                             "unit": "B", **context})
     for side in ours:
@@ -95,6 +100,10 @@ def format_table(records: list[dict[str, Any]]) -> str:
                 value *= 1000
             row += f"{'-' if value is None else fmt.format(value):>14}"
         lines.append(row)
+    held = [(r["side"], r["value"]) for r in records if r["figure"] == "weight_bytes"]
+    if len(held) > 1:  # quantized sides: their weights' bytes against the float model's
+        lines.append("weight bytes: " + ", ".join(f"{side} {value / 1e6:.1f} MB ({value / held[0][1]:.2f}x)"
+                                                  for side, value in held))
     # Ratios, one line per pair (higher is better for the tok/s ratios, lower for the others).
     pairs = [r["side"] for r in records if r["figure"] == "tokens_agree"]
     width = max([36] + [len(pair) + 1 for pair in pairs])

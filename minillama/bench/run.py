@@ -22,14 +22,18 @@ from minillama.errors import MinillamaError
 VARIANT_OPTIONS = {"compile": {"on": True, "off": False}, "pack": {"on": True, "off": False},
                    "attention": {"sdpa": "sdpa", "math": "math"}, "tuning": {"on": True, "off": False},
                    "pdl": {"on": True, "off": False}, "lag": {str(n): n for n in range(9)},
-                   "quantize": {"int8": "int8", "int4": "int4"}, "group": {"32": 32, "64": 64, "128": 128}}
+                   "quantize": {"int8": "int8", "int4": "int4"}, "group": {"32": 32, "64": 64, "128": 128},
+                   "weights": {"gguf": "gguf"}}
+# Sides that run the GGUF file the model came from: minillama on its blocks as they are, and llama.cpp.
+GGUF_SIDES = ("minillama:weights=gguf", "llama.cpp")
 
 
 def parse_side(side: str) -> tuple[str, dict[str, Any]]:
     """'minillama:attention=math/tuning=off' -> ('minillama', {'attention': 'math', 'tuning': False})."""
     name, _, variant = side.partition(":")
     if name not in WORKERS or name == "copy":
-        raise MinillamaError(f"unknown side {name!r}; choose from minillama, transformers, transformers-static")
+        raise MinillamaError(f"unknown side {name!r}; choose from minillama, transformers, transformers-static, "
+                             "llama.cpp")
     options: dict[str, Any] = {}
     if variant and name != "minillama":
         raise MinillamaError(f"side {side!r}: only minillama has variants (minillama:attention=math)")
@@ -84,11 +88,13 @@ def default_sides(device: torch.device) -> list[str]:
 def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None, device: str | None = None,
               dtype: str | None = None, prompt_len: int = 512, new_tokens: int = 256, repeats: int = 1,
               sides: list[str] | None = None, compile: bool | None = None, seed: int = 0,
-              side_timeout: float | None = None, time_budget: float | None = None,
+              side_timeout: float | None = None, time_budget: float | None = None, gguf: str | Path | None = None,
               progress=None) -> list[dict[str, Any]]:
     """Benchmark every side; returns one record per figure ({"figure", "side", "value", "unit", ...}).
 
     model:  a checkpoint directory, or None with `config` (a config.json dict) to benchmark random weights.
+    gguf:   the GGUF file `model` was converted from, for the sides that run it (GGUF_SIDES): minillama on its
+            blocks as they are (converted with keep_quantized into a temporary directory) and llama.cpp.
     A side that fails (or runs past side_timeout seconds) gets an "error" record and the others still run.
     time_budget: seconds for the whole run; a side is cut off when it runs out and later sides are skipped
     (so list the sides in order of importance).
@@ -107,6 +113,15 @@ def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None,
         raise MinillamaError("a side is named twice in --sides")
     if prompt_len < 1 or new_tokens < 1 or repeats < 1:
         raise MinillamaError("--prompt-len, --new-tokens and --repeats must be at least 1")
+    gguf_sides = [side for side in sides if side in GGUF_SIDES]
+    if gguf_sides and gguf is None:
+        raise MinillamaError(f"the {gguf_sides[0]} side runs the GGUF file the model came from: give it with --gguf FILE")
+    if gguf_sides and not Path(gguf).is_file():
+        raise MinillamaError(f"{gguf}: no such GGUF file (--gguf)")
+    if "llama.cpp" in sides:
+        from minillama.optional import require
+
+        require("llama_cpp", "the llama.cpp side")
     progress = progress or (lambda message: None)
     with tempfile.TemporaryDirectory(prefix="minillama-bench-") as tmp:
         model_dir, model_config, torch_dtype, name = _checkpoint(model, config, dtype, dev, seed, Path(tmp),
@@ -117,10 +132,19 @@ def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None,
         base = {"device": str(dev), "dtype": str(torch_dtype).removeprefix("torch."), "model": str(model_dir),
                 "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "seed": seed,
                 "compile": compile}
+        specs = {side: {**base, "side": side, "options": options} for side, options in variants.items()}
+        for side in gguf_sides:
+            specs[side]["gguf"] = str(gguf)
+        if "minillama:weights=gguf" in gguf_sides:
+            from minillama.gguf import convert_gguf
+
+            progress(f"converting {gguf} with its quantized blocks kept")
+            specs["minillama:weights=gguf"]["model"] = str(convert_gguf(gguf, Path(tmp) / "gguf-blocks",
+                                                                       progress=False, keep_quantized=True))
         warm_page_cache(model_dir)  # the first side must not pay for the disk reads that the next one skips
         progress("measuring the copy bandwidth")
         copy = run_worker({**base, "side": "copy"})
-        results = _run_sides(base, variants, side_timeout, time_budget, progress)
+        results = _run_sides(specs, side_timeout, time_budget, progress)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     context = {"device": device_name,
                "dtype": base["dtype"], "model": name, "prompt_len": prompt_len, "new_tokens": new_tokens}
@@ -200,12 +224,12 @@ def _checkpoint(model, config, dtype, dev, seed, tmp: Path, progress):
     return model_dir, model_config, torch_dtype, f"random:{config.get('_name_or_path', 'config')}"
 
 
-def _run_sides(base: dict[str, Any], variants: dict[str, dict[str, Any]], side_timeout: float | None,
-               time_budget: float | None, progress) -> dict[str, dict[str, Any]]:
+def _run_sides(specs: dict[str, dict[str, Any]], side_timeout: float | None, time_budget: float | None,
+               progress) -> dict[str, dict[str, Any]]:
     """Each side's figures (or {"error": ...}), in order, within the time budget."""
     results = {}
     started = time.perf_counter()
-    for side, options in variants.items():
+    for side, spec in specs.items():
         timeout = side_timeout
         if time_budget is not None:
             left = time_budget - (time.perf_counter() - started)
@@ -216,7 +240,7 @@ def _run_sides(base: dict[str, Any], variants: dict[str, dict[str, Any]], side_t
             timeout = left if timeout is None else min(timeout, left)
         progress(f"running {side}")
         try:
-            results[side] = run_worker({**base, "side": side, "options": options}, timeout)
+            results[side] = run_worker(spec, timeout)
         except MinillamaError as e:  # one side's failure must not lose the others' figures
             results[side] = {"error": str(e)}
             progress(f"{side}: FAILED: {e}")

@@ -1,6 +1,7 @@
 """The benchmark's sides, each run in a fresh process (`python -m minillama.bench --worker SPEC`):
-minillama, transformers (eager or static-cache compiled) and a device copy for the bandwidth figure;
-plus the random checkpoint that `--config` benchmarks. Figures are described in `minillama.bench`."""
+minillama, transformers (eager or static-cache compiled), llama.cpp (llama-cpp-python, on a GGUF file) and a
+device copy for the bandwidth figure; plus the random checkpoint that `--config` benchmarks. Figures are
+described in `minillama.bench`."""
 
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ TINY_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vo
                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                "head_dim": 16, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
                "tie_word_embeddings": True}
-
-RESULT_MARK = "BENCH_RESULT "
 
 
 # ---- A random checkpoint from a config file ---------------------------------------------------------
@@ -291,6 +290,49 @@ def run_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     return {"load_s": load_s, "warmup_s": warmup_s, **_measure(spec, device, prefill, run_generate)}
 
 
+def run_llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp through llama-cpp-python on spec["gguf"] (the file minillama's gguf side runs as it is), with
+    as many threads as torch uses here; the same random prompt, greedy, eos never checked (its `generate` runs
+    until stopped). Its prefill computes the last position's logits only, like the other sides'."""
+    from llama_cpp import Llama
+
+    threads = torch.get_num_threads()
+    P, N = spec["prompt_len"], spec["new_tokens"]
+    start = time.perf_counter()
+    llm = Llama(model_path=spec["gguf"], n_ctx=P + N, n_batch=P, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+    load_s = time.perf_counter() - start
+    prompt = _prompt(spec, llm.n_vocab())[0].tolist()
+
+    def prefill() -> None:
+        llm.reset()  # forget the cached tokens, so the whole prompt is evaluated again
+        llm.eval(prompt)
+
+    def run_generate(n: int) -> tuple[list[int], list[float]]:
+        llm.reset()
+        tokens, stamps = [], []
+        for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+            tokens.append(token)
+            stamps.append(time.perf_counter())
+            if len(tokens) == n:
+                break
+        return tokens, stamps
+
+    start = time.perf_counter()
+    run_generate(min(N, 4))
+    prefill()
+    warmup_s = time.perf_counter() - start
+    return {"load_s": load_s, "warmup_s": warmup_s, "threads": threads, "weight_bytes": gguf_tensor_bytes(spec["gguf"]),
+            **_measure(spec, torch.device("cpu"), prefill, run_generate)}
+
+
+def gguf_tensor_bytes(path: str | Path) -> int:
+    """The bytes of a GGUF file's tensors as stored (quantized blocks included): what a decode step reads."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors)
+
+
 def run_copy(spec: dict[str, Any]) -> dict[str, Any]:
     """The device's copy bandwidth: bytes read + written per second by a large tensor copy."""
     from minillama.checkpoint import resolve_device
@@ -308,7 +350,8 @@ def run_copy(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 WORKERS = {"minillama": run_minillama, "transformers": run_transformers, "transformers-static": run_transformers,
-           "copy": run_copy}
+           "llama.cpp": run_llama_cpp, "copy": run_copy}
+
 
 def worker_main(spec_json: str) -> None:
     """Run one side and print its figures as one JSON line after RESULT_MARK."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 from minillama.cli.common import add_tp_arg
 
@@ -37,8 +39,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="seconds for all sides together: a side is cut off when they run out and later sides are "
                         "skipped (list the sides in order of importance)")
-    p.add_argument("--quantize", help="comma-separated int8, int4: also a minillama side with those weights "
-                                      "(= --sides ...,minillama:quantize=int4; int4 in groups of 32)")
+    p.add_argument("--quantize", help="comma-separated int8, int4, gguf: also a minillama side with those weights "
+                                      "(= --sides ...,minillama:quantize=int4; int4 in groups of 32); gguf: the "
+                                      "GGUF's own blocks as they are (the default model's Q4_1, or --gguf FILE), "
+                                      "plus a llama.cpp side on the same file when llama-cpp-python is installed")
+    p.add_argument("--gguf", metavar="FILE", help="the GGUF file MODEL was converted from, for --quantize gguf and "
+                                                  "the llama.cpp side (default: the default model's own)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt and random weights")
     p.add_argument("--offline", action="store_true", help="use only files already downloaded")
     p.add_argument("--json", action="store_true", help="one JSON object per line, one line per figure")
@@ -49,18 +55,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from minillama.bench import TINY_CONFIG, run_bench
+    from minillama.bench.run import GGUF_SIDES
     from minillama.errors import MinillamaError
 
     if sum(bool(x) for x in (args.model, args.config, args.tiny)) > 1:
         raise MinillamaError("give one of MODEL, --config FILE or --tiny")
-    sides = args.sides.split(",") if args.sides else None
+    sides = [side.strip() for side in args.sides.split(",")] if args.sides else None
     if args.quantize:
-        from minillama.bench.run import default_sides
-        from minillama.checkpoint import resolve_device
-
-        sides = (sides or default_sides(resolve_device(args.device))) + \
-            [f"minillama:quantize={mode}" for mode in args.quantize.split(",")]
-    if sides is None or any(side.strip().startswith("transformers") for side in sides):
+        sides = quantized_sides(args, sides)
+    if sides is None or any(side.startswith("transformers") for side in sides):
         from minillama.optional import require
 
         require("transformers", "minillama bench (its transformers side)")  # before any work
@@ -85,10 +88,18 @@ def run(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
-    records = run_bench(model, config=config, device=args.device, dtype=args.dtype, prompt_len=args.prompt_len,
-                        new_tokens=args.new_tokens, repeats=args.repeats, sides=sides,
-                        compile={"auto": None, "on": True, "off": False}[args.compile], seed=args.seed,
-                        side_timeout=args.side_timeout, time_budget=args.time_budget, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="minillama-bench-gguf-") as tmp:
+        gguf = args.gguf
+        if gguf is None and sides and any(side in GGUF_SIDES for side in sides) and \
+                (args.model or DEFAULT_MODEL) == DEFAULT_MODEL and not (args.config or args.tiny):
+            from minillama.hub import fetch_default_gguf
+
+            gguf = fetch_default_gguf(Path(tmp), offline=args.offline)
+        records = run_bench(model, config=config, device=args.device, dtype=args.dtype, prompt_len=args.prompt_len,
+                            new_tokens=args.new_tokens, repeats=args.repeats, sides=sides,
+                            compile={"auto": None, "on": True, "off": False}[args.compile], seed=args.seed,
+                            side_timeout=args.side_timeout, time_budget=args.time_budget, gguf=gguf,
+                            progress=progress)
     if not records:  # a rank other than 0 under torchrun: rank 0 reports every rank's figures
         return 0
     if args.json_file:
@@ -110,6 +121,32 @@ def run(args: argparse.Namespace) -> int:
         print(f"minillama bench: {', '.join(failed)} failed (see above); the other figures stand", file=sys.stderr)
         return 1
     return 0
+
+
+def quantized_sides(args: argparse.Namespace, sides: list[str] | None) -> list[str]:
+    """The sides with --quantize's added: minillama:quantize=int8/int4, and for gguf minillama:weights=gguf plus
+    llama.cpp when llama-cpp-python is installed (else a note saying how to get it)."""
+    from minillama.bench.run import default_sides
+    from minillama.checkpoint import resolve_device
+    from minillama.errors import MinillamaError
+    from minillama.optional import installed
+
+    sides = list(sides or default_sides(resolve_device(args.device)))
+    for mode in (mode.strip() for mode in args.quantize.split(",")):
+        if mode not in ("int8", "int4", "gguf"):
+            raise MinillamaError(f"--quantize {mode}: choose from int8, int4, gguf")
+        if mode != "gguf":
+            sides.append(f"minillama:quantize={mode}")
+            continue
+        sides.append("minillama:weights=gguf")
+        if "llama.cpp" in sides:
+            continue
+        if installed("llama_cpp"):
+            sides.append("llama.cpp")
+        else:
+            print("[bench] no llama.cpp side: llama-cpp-python is not installed (pip install llama-cpp-python; "
+                  "docs/quantization.md)", file=sys.stderr)
+    return sides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from minillama import quant
 from minillama.cli.common import add_model_args, add_sampling_args, add_steer_args, eprint, load_all
 from minillama.errors import MinillamaError
 from minillama.files import read_json, read_json_object
@@ -85,8 +86,10 @@ def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     manual_paste = interactive and setup_line_editing()
     if interactive:
-        eprint(f"minillama chat: {loaded.path} on {loaded.model.device} ({str(loaded.model.dtype)[6:]}), "
-               f"loaded in {loaded.load_seconds:.1f} s; context {session.context} tokens")
+        weights = quant.describe(loaded.model)
+        eprint(f"minillama chat: {loaded.path} on {loaded.model.device} ({str(loaded.model.dtype)[6:]}"
+               f"{'; weights ' + weights if weights else ''}), loaded in {loaded.load_seconds:.1f} s; "
+               f"context {session.context} tokens")
         eprint(f"sampling: {describe_sampling(session.config, loaded.sampling_sources)}")
         eprint(f"chat template: {loaded.tokenizer.chat_template_source}. Type /help for commands.")
     repl = Repl(session, interactive, stats=not args.no_stats, model_name=str(args.model),

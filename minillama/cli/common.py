@@ -43,6 +43,13 @@ def quantize_args(args: argparse.Namespace) -> dict:
     return {"quantize": quantize, "group_size": args.group_size}
 
 
+def runs_default_quantized(args: argparse.Namespace, device: torch.device) -> bool:
+    """Whether chat and generate run the default model on its own 4-bit (Q4_1) weights: on a CPU, with the eager
+    engine, unless --dtype or --quantize asks for other weights. Elsewhere it runs dequantized to float32."""
+    return (quantize_args(args)["quantize"] is None and device.type == "cpu" and not tensor_parallel()
+            and getattr(args, "engine", None) != "compiled")
+
+
 def add_tp_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, metavar="N", help="tensor parallelism over N processes: launch with "
                    "torchrun --nproc-per-node N -m minillama ... (under torchrun it is on without this flag)")
@@ -92,15 +99,16 @@ def read_prompt(args: argparse.Namespace) -> str:
     return prompt
 
 
-def resolve_model_arg(args: argparse.Namespace) -> Path:
-    """The local directory for the MODEL argument (downloading or converting it if needed).
+def resolve_model_arg(args: argparse.Namespace, quantized: bool = False) -> Path:
+    """The local directory for the MODEL argument (downloading or converting it if needed); `quantized`: the
+    default model's 4-bit form (see `runs_default_quantized`).
 
     A name that is neither a directory nor a hub id gets a "did you mean" for a near miss.
     """
     from minillama.hub import resolve_model
 
     try:
-        return resolve_model(args.model, offline=getattr(args, "offline", False))
+        return resolve_model(args.model, offline=getattr(args, "offline", False), quantized=quantized)
     except MinillamaError as e:
         guess = near_miss(str(args.model))
         if guess is None:
@@ -246,7 +254,7 @@ def load_all(args: argparse.Namespace) -> Loaded:
     device = resolve_device(args.device)
     if getattr(args, "seed", None) is not None:
         check_seed(args.seed)
-    path = resolve_model_arg(args)
+    path = resolve_model_arg(args, quantized=runs_default_quantized(args, device))
     engine = engine_choice(args, device, LlamaConfig.from_file(path).rope_type)
     generation_config, sources = chat_generation_config(path, sampling_overrides(args))
     tokenizer = load_tokenizer(path)
