@@ -10,6 +10,10 @@ oneDNN's linear on a weight reordered once into its own blocked layout streamed 
 usual keys, and the packed copy is the only copy: the model holds each matrix once. Every forward uses it,
 prefill and decode alike. The price is float rounding: oneDNN sums in another order than MKL (~1e-6
 relative), so the exact-parity tools (diff, dump, the parity tests) run on unpacked models.
+
+Linears that read the same input (q/k/v, gate/up: `FUSED_SIBLINGS`) are then stacked into one packed matrix
+(`fuse_siblings`, `FusedLinear`): one oneDNN call instead of three, which made SmolLM2's decode step ~7% faster
+on the test machine (docs/benchmarks.md). The modules keep their names and state_dict keys all the same.
 """
 
 from __future__ import annotations
@@ -75,9 +79,122 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Stack:
+    """What the members of one fused group share: each member's number of outputs, and the outputs of the
+    last input until every member has taken its own."""
+
+    def __init__(self, sizes: list[int]):
+        self.sizes = sizes
+        self.input: torch.Tensor | None = None
+        self.outputs: tuple[torch.Tensor, ...] = ()
+        self.pending: set[int] = set()
+
+
+class FusedLinear(nn.Module):
+    """One of several Linears that read the same input (q_proj, k_proj, v_proj), their weights stacked in one
+    oneDNN-packed matrix. The first member called on an input computes every member's output in one call;
+    each member returns its own slice, and the group then lets go of them. A member called on another input
+    (or twice on one) computes afresh, so it always returns x W^T + b: only the cost changes.
+
+    The first member (the lead) holds the stacked matrix as its `weight` (sum of outputs, in); the others point
+    to it without registering it, so `parameters()` counts it once. `state_dict()` gives each member's own rows
+    under its own name, as the separate Linears had them.
+    """
+
+    def __init__(self, stack: Stack, index: int, in_features: int, lead: FusedLinear | None = None,
+                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.stack, self.index = stack, index
+        self.in_features, self.out_features = in_features, stack.sizes[index]
+        start = sum(stack.sizes[:index])
+        self.rows = slice(start, start + self.out_features)
+        if lead is None:
+            self.weight = nn.Parameter(pack_weight(weight), requires_grad=False)  # opaque (sum of outs, in)
+            self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+            lead = self
+        object.__setattr__(self, "lead", lead)  # a plain reference: not a submodule, not a second parameter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stack, lead = self.stack, self.lead
+        if x is not stack.input or self.index not in stack.pending:  # a new input: every member's output at once
+            y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), lead.weight, lead.bias, "none", [], "")
+            stack.input, stack.outputs, stack.pending = x, y.split(stack.sizes, dim=-1), set(range(len(stack.sizes)))
+        stack.pending.discard(self.index)
+        out = stack.outputs[self.index]
+        if not stack.pending:  # every member has its slice: hold nothing between forwards
+            stack.input, stack.outputs = None, ()
+        return out
+
+    def has_bias(self) -> bool:
+        return self.lead.bias is not None
+
+    def dense_weight(self) -> torch.Tensor:
+        """This member's rows of the stacked matrix, in the usual (out, in) layout: a fresh copy."""
+        return self.lead.weight.to_dense()[self.rows].clone()
+
+    def dense_bias(self) -> torch.Tensor | None:
+        return None if self.lead.bias is None else self.lead.bias[self.rows].detach().clone()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.dense_weight()
+        if self.has_bias():
+            destination[prefix + "bias"] = self.dense_bias()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if prefix + "weight" not in state_dict:
+            missing_keys.append(prefix + "weight")
+            return
+        weight = state_dict[prefix + "weight"]
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"size mismatch for {prefix}weight: {tuple(weight.shape)} vs "
+                              f"{(self.out_features, self.in_features)}")
+            return
+        lead = self.lead
+        with torch.no_grad():  # this member's rows replaced, the stack packed again
+            dense = lead.weight.to_dense()
+            dense[self.rows] = weight.float()
+            lead.weight = nn.Parameter(pack_weight(dense), requires_grad=False)
+            if lead.bias is not None:
+                lead.bias[self.rows] = state_dict[prefix + "bias"]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias()}, "
+                f"rows {self.rows.start}:{self.rows.stop} of one packed matrix")
+
+
+# Linears of one module that read the same input: stacked by `fuse_siblings` into one packed matrix each.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 @torch.no_grad()
-def pack_linears(model: nn.Module) -> int:
-    """Swap every `nn.Linear` under `model` for a `PackedLinear` holding the same weight (CPU, float32).
+def fuse_siblings(model: nn.Module) -> int:
+    """Replace each group of sibling `PackedLinear`s named in FUSED_SIBLINGS (same input size, all with a bias
+    or none, no hooks) by `FusedLinear`s over one stacked packed matrix; returns how many groups."""
+    fused = 0
+    for module in list(model.modules()):
+        for names in FUSED_SIBLINGS:
+            members = [getattr(module, name, None) for name in names]
+            if not all(type(m) is PackedLinear for m in members):
+                continue
+            if len({(m.in_features, m.bias is None) for m in members}) != 1 or \
+                    any(m._forward_hooks or m._forward_pre_hooks for m in members):
+                continue
+            stack = Stack([m.out_features for m in members])
+            bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
+            lead = FusedLinear(stack, 0, members[0].in_features, weight=torch.cat([m.dense_weight() for m in members]),
+                               bias=bias)
+            setattr(module, names[0], lead)
+            for index, name in enumerate(names[1:], start=1):
+                setattr(module, name, FusedLinear(stack, index, members[0].in_features, lead=lead))
+            fused += 1
+    return fused
+
+
+@torch.no_grad()
+def pack_linears(model: nn.Module, fuse: bool = True) -> int:
+    """Swap every `nn.Linear` under `model` for a `PackedLinear` holding the same weight (CPU, float32), then
+    (fuse) stack the siblings that read the same input (`fuse_siblings`).
 
     A tied head (lm_head sharing the embedding matrix) gets a packed copy of its own, since the embedding
     lookup needs the plain rows: that one matrix is then held twice. Returns how many Linears were swapped.
@@ -91,6 +208,8 @@ def pack_linears(model: nn.Module) -> int:
                                      f"got {child.weight.dtype} on {child.weight.device}")
                 setattr(module, child_name, PackedLinear.from_linear(child))
                 swapped += 1
+    if fuse:
+        fuse_siblings(model)
     return swapped
 
 
@@ -100,12 +219,13 @@ def unpack_linears(model: nn.Module) -> int:
     swapped = 0
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, PackedLinear):
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                   device="meta")
+            if isinstance(child, (PackedLinear, FusedLinear)):
+                bias = child.dense_bias() if isinstance(child, FusedLinear) else \
+                    None if child.bias is None else child.bias.detach().clone()
+                linear = nn.Linear(child.in_features, child.out_features, bias=bias is not None, device="meta")
                 linear.weight = nn.Parameter(child.dense_weight(), requires_grad=False)
-                if child.bias is not None:
-                    linear.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+                if bias is not None:
+                    linear.bias = nn.Parameter(bias, requires_grad=False)
                 setattr(module, child_name, linear)
                 swapped += 1
     config = getattr(model, "config", None)
@@ -115,4 +235,4 @@ def unpack_linears(model: nn.Module) -> int:
 
 
 def is_packed(model: nn.Module) -> bool:
-    return any(isinstance(m, PackedLinear) for m in model.modules())
+    return any(isinstance(m, (PackedLinear, FusedLinear)) for m in model.modules())

@@ -13,7 +13,7 @@ from minillama.checkpoint import load_model
 from minillama.errors import MinillamaError
 from minillama.fast import CompiledEngine, compile_options, compiled_engine_for
 from minillama.generation import EagerEngine, generate
-from minillama.packing import PackedLinear, is_packed, pack_linears, unpack_linears
+from minillama.packing import FusedLinear, PackedLinear, is_packed, pack_linears, unpack_linears
 
 N_TOKENS = 48
 
@@ -58,7 +58,9 @@ def test_packed_linears_keep_names_state_dict_and_logits(request, fixture):
     path = request.getfixturevalue(fixture)
     plain = load_model(path, device="cpu")
     packed = load_model(path, device="cpu", pack=True)
-    assert isinstance(packed.model.layers[0].self_attn.q_proj, PackedLinear)
+    attn, mlp = packed.model.layers[0].self_attn, packed.model.layers[0].mlp
+    assert all(isinstance(m, FusedLinear) for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj))
+    assert isinstance(attn.o_proj, PackedLinear) and isinstance(mlp.down_proj, PackedLinear)
     assert isinstance(packed.lm_head, PackedLinear) and is_packed(packed) and not is_packed(plain)
     # Same module tree and state_dict keys; the weights come back in their usual layout, exactly.
     assert [n for n, _ in packed.named_modules()] == [n for n, _ in plain.named_modules()]
@@ -70,14 +72,33 @@ def test_packed_linears_keep_names_state_dict_and_logits(request, fixture):
     ids = prompt_ids(12)[None]
     with torch.inference_mode():
         torch.testing.assert_close(packed(ids), plain(ids), rtol=1e-5, atol=1e-5)  # oneDNN sums in its own order
-    # One copy of each matrix: a packed Linear holds no plain weight besides the packed one.
-    attn = packed.model.layers[0].self_attn.q_proj
-    assert [name for name, _ in attn.named_parameters()] == ["weight"] + (["bias"] if attn.bias is not None else [])
-    assert attn.weight.is_mkldnn
+    # One copy of each matrix: a packed Linear holds no plain weight besides the packed one, and q/k/v share one
+    # stacked matrix, held by q_proj alone.
+    has_bias = attn.o_proj.bias is not None
+    assert [name for name, _ in attn.o_proj.named_parameters()] == ["weight"] + (["bias"] if has_bias else [])
+    assert [name for name, _ in attn.q_proj.named_parameters()] == ["weight"] + (["bias"] if has_bias else [])
+    assert not list(attn.k_proj.parameters()) and not list(attn.v_proj.parameters())
+    qkv_rows = sum(m.out_features for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert attn.q_proj.weight.is_mkldnn and tuple(attn.q_proj.weight.shape) == (qkv_rows, attn.q_proj.in_features)
     # Undoing it gives the plain model back, tied head included.
     assert unpack_linears(packed) == pack_linears(load_model(path, device="cpu"))
     with torch.inference_mode():
         torch.testing.assert_close(packed(ids), plain(ids), rtol=0, atol=0)
+
+
+def test_fused_members_answer_any_input_in_any_order(tiny_biased):
+    """A FusedLinear shares one call among its siblings when they read the same tensor; called on other inputs,
+    twice, or out of order, each still returns its own x W^T + b."""
+    plain = load_model(tiny_biased, device="cpu").model.layers[0].self_attn
+    attn = load_model(tiny_biased, device="cpu", pack=True).model.layers[0].self_attn
+    x, other = torch.randn(1, 3, attn.q_proj.in_features), torch.randn(1, 2, attn.q_proj.in_features)
+    with torch.inference_mode():
+        for name, inp in [("v_proj", x), ("q_proj", x), ("q_proj", x), ("k_proj", other), ("k_proj", x),
+                          ("v_proj", x), ("q_proj", other)]:
+            torch.testing.assert_close(getattr(attn, name)(inp), getattr(plain, name)(inp), rtol=1e-5, atol=1e-5)
+        assert attn.q_proj.stack.input is other  # held for k_proj and v_proj
+        attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    assert attn.q_proj.stack.input is None and attn.q_proj.stack.outputs == ()  # once all took theirs: nothing held
 
 
 def test_load_state_dict_into_a_packed_model(tiny_llama2):
