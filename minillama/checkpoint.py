@@ -24,7 +24,7 @@ from minillama.errors import MinillamaError, read_json_object
 from minillama.files import parse_json, read_json
 from minillama.generation import GenerationConfig
 from minillama.model import LlamaForCausalLM, LlamaRotaryEmbedding
-from minillama.packing import can_pack, pack_linears, pack_weight
+from minillama.packing import Stacker, can_pack, pack_linears, pack_weight
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -132,7 +132,8 @@ def check_safetensors_header(path: Path) -> dict:
 
 def read_weights(model_dir: Path, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype,
                  pack: bool = False, shard: Callable[[str, Any], torch.Tensor] | None = None,
-                 expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+                 expected: dict[str, tuple[int, ...]] | None = None,
+                 stacker: Stacker | None = None) -> dict[str, torch.Tensor]:
     """Every tensor the (meta) model expects, read from the checkpoint onto `device`, floats cast to `dtype`.
 
     expected: name -> shape (default: the model's parameters; a quantized checkpoint's come from `quant`).
@@ -141,6 +142,8 @@ def read_weights(model_dir: Path, model: LlamaForCausalLM, device: torch.device,
     so the packed copy is the only one in memory, even at the peak.
     shard: `shard(name, safetensors_slice)` gives the part of each tensor to keep (tensor parallelism:
     `tp.Layout.read_slice`); only that part is read, one tensor at a time. Shapes are checked whole.
+    stacker: (with pack) takes the weights of the Linears that `pack_linears` stacks (q/k/v, gate/up) and packs
+    each group once; those are then not in the returned state.
     """
     config = model.config
     if expected is None:
@@ -178,10 +181,14 @@ def read_weights(model_dir: Path, model: LlamaForCausalLM, device: torch.device,
                     else:  # a view of the mapped file: copy out just this rank's part
                         t = shard(name, f.get_slice(name)).to(device=device, dtype=dtype, copy=True)
                 _refuse_nan_or_inf(model_dir, name, t)
+                if stacker is not None and stacker.add(name, t):
+                    del state[name]
+                    continue
                 state[name] = pack_weight(t) if pack and name in linears else t if shard else t.clone()
         except SafetensorError as e:
             raise MinillamaError(f"{file}: cannot read safetensors ({e}); re-download it") from None
-    problems += [f"missing tensor {name}" for name in expected if name not in state]
+    stacked = set() if stacker is None else stacker.stacked()
+    problems += [f"missing tensor {name}" for name in expected if name not in state and name not in stacked]
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise MinillamaError(f"{model_dir}: weights do not match config.json: {shown}")
@@ -280,8 +287,9 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
             header = {k: v for file in weight_files(model_dir) for k, v in check_safetensors_header(file).items()}
             stored = quant.stored_formats(model, header)
         pack = pack and can_pack(device, dtype) and not quantized and quantize not in quant.MODES
+        stacker = Stacker(model) if pack else None  # q/k/v and gate/up: one packed stack per group
         state = read_weights(model_dir, model, device, dtype, pack=pack, shard=plan and plan.read_slice,
-                             expected=quant.expected_shapes(model, stored))
+                             expected=quant.expected_shapes(model, stored), stacker=stacker)
         if quantize == "none":
             quant.dequantize_state(state, stored, dtype)
         elif stored:
@@ -289,11 +297,12 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
         if tp:
             tensor_parallel.shard_model(model, plan, group)  # this rank's shapes, so the slices load in place
         model.load_state_dict(state, strict=False, assign=True)
+        del state  # the model holds the tensors now; packing below frees each one it replaces
         if config.tie_word_embeddings:
             quant.tie_head(model)
         model.model.rotary_emb = LlamaRotaryEmbedding(config, device=device)  # buffers are not in checkpoints
         if pack:
-            pack_linears(model)  # the Linears now hold packed weights: make them PackedLinears
+            pack_linears(model, stacks=stacker.stacks)  # the Linears hold packed weights: make them PackedLinears
         if tp:
             tensor_parallel.connect(model, plan, group)  # the collectives, as hooks on the final modules
         if quantize in quant.MODES:

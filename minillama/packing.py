@@ -12,7 +12,7 @@ prefill and decode alike. The price is float rounding: oneDNN sums in another or
 relative), so the exact-parity tools (diff, dump, the parity tests) run on unpacked models.
 
 Linears that read the same input (q/k/v, gate/up: `FUSED_SIBLINGS`) are then stacked into one packed matrix
-(`fuse_siblings`, `FusedLinear`): one oneDNN call instead of three, which made SmolLM2's decode step ~7% faster
+(`pack_linears`, `FusedLinear`): one oneDNN call instead of three, which made SmolLM2's decode step ~7% faster
 on the test machine (docs/benchmarks.md). The modules keep their names and state_dict keys all the same.
 """
 
@@ -163,53 +163,105 @@ class FusedLinear(nn.Module):
                 f"rows {self.rows.start}:{self.rows.stop} of one packed matrix")
 
 
-# Linears of one module that read the same input: stacked by `fuse_siblings` into one packed matrix each.
+# Linears of one module that read the same input: stacked by `pack_linears` into one packed matrix each.
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-@torch.no_grad()
-def fuse_siblings(model: nn.Module) -> int:
-    """Replace each group of sibling `PackedLinear`s named in FUSED_SIBLINGS (same input size, all with a bias
-    or none, no hooks) by `FusedLinear`s over one stacked packed matrix; returns how many groups."""
-    fused = 0
-    for module in list(model.modules()):
-        for names in FUSED_SIBLINGS:
-            members = [getattr(module, name, None) for name in names]
-            if not all(type(m) is PackedLinear for m in members):
-                continue
-            if len({(m.in_features, m.bias is None) for m in members}) != 1 or \
-                    any(m._forward_hooks or m._forward_pre_hooks for m in members):
-                continue
-            stack = Stack([m.out_features for m in members])
-            bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
-            lead = FusedLinear(stack, 0, members[0].in_features, weight=torch.cat([m.dense_weight() for m in members]),
-                               bias=bias)
-            setattr(module, names[0], lead)
-            for index, name in enumerate(names[1:], start=1):
-                setattr(module, name, FusedLinear(stack, index, members[0].in_features, lead=lead))
-            fused += 1
-    return fused
+def _fusable(members: list) -> bool:
+    """Plain Linears with the same input size, all with a bias or none, and no hooks."""
+    return all(type(m) is nn.Linear for m in members) and \
+        len({(m.in_features, m.bias is None) for m in members}) == 1 and \
+        not any(m._forward_hooks or m._forward_pre_hooks for m in members)
+
+
+def fused_groups(model: nn.Module) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """{member weight name: (parent module name, group)} for every group `pack_linears` will stack."""
+    groups = {}
+    for prefix, module in model.named_modules():
+        for group in FUSED_SIBLINGS:
+            if _fusable([getattr(module, name, None) for name in group]):
+                groups |= {f"{prefix}.{name}.weight".lstrip("."): (prefix, group) for name in group}
+    return groups
+
+
+class Stacker:
+    """Stacks each fused group's weights as a loader reads them, packing a stack as soon as its group is complete:
+    no member is packed alone (to be unpacked again), and only one group's plain rows are held at a time, so
+    loading a packed model never holds more than the packed model and one group."""
+
+    def __init__(self, model: nn.Module):
+        self.groups = fused_groups(model)
+        self.rows: dict[tuple, dict[str, torch.Tensor]] = {}  # an incomplete group's members so far
+        self.stacks: dict[tuple, torch.Tensor] = {}  # (parent name, group) -> the packed stack
+
+    def add(self, name: str, weight: torch.Tensor) -> bool:
+        """Take a member's weight (True), or leave a tensor that is not one (False)."""
+        key = self.groups.get(name)
+        if key is None:
+            return False
+        rows = self.rows.setdefault(key, {})
+        rows[name] = weight.clone()  # `weight` may be a view of a file about to be closed
+        if len(rows) == len(key[1]):
+            del self.rows[key]
+            prefix = f"{key[0]}." if key[0] else ""
+            self.stacks[key] = pack_weight(torch.cat([rows.pop(prefix + f"{name}.weight") for name in key[1]]))
+        return True
+
+    def stacked(self) -> set[str]:
+        """The member weights now in a packed stack (a group missing a member has none)."""
+        return {name for name, key in self.groups.items() if key in self.stacks}
+
+
+def _check_packable(module: nn.Module, names, prefix: str) -> None:
+    for name in names:
+        child = getattr(module, name, None)
+        weight = child.weight if type(child) is nn.Linear else None
+        if weight is not None and not (weight.is_mkldnn or can_pack(weight.device, weight.dtype)):
+            raise ValueError(f"{prefix}.{name}: packing needs a CPU float32 weight with oneDNN, "
+                             f"got {weight.dtype} on {weight.device}")
+
+
+def _fuse(module: nn.Module, names: tuple[str, ...], packed: torch.Tensor | None = None) -> None:
+    """module.q_proj, .k_proj, .v_proj (nn.Linear) -> FusedLinears over one stacked packed matrix (`packed`, as
+    a `Stacker` made it while loading, or stacked here from the members' weights)."""
+    members = [getattr(module, name) for name in names]
+    sizes, in_features = [m.out_features for m in members], members[0].in_features
+    if packed is None:
+        packed = torch.cat([m.weight.to_dense() if m.weight.is_mkldnn else m.weight for m in members])
+    bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
+    stack = Stack(sizes)
+    lead = FusedLinear(stack, 0, in_features, weight=packed, bias=bias)
+    setattr(module, names[0], lead)
+    for index, name in enumerate(names[1:], start=1):
+        setattr(module, name, FusedLinear(stack, index, in_features, lead=lead))
 
 
 @torch.no_grad()
-def pack_linears(model: nn.Module, fuse: bool = True) -> int:
-    """Swap every `nn.Linear` under `model` for a `PackedLinear` holding the same weight (CPU, float32), then
-    (fuse) stack the siblings that read the same input (`fuse_siblings`).
+def pack_linears(model: nn.Module, fuse: bool = True, stacks: dict[tuple, torch.Tensor] | None = None) -> int:
+    """Swap every `nn.Linear` under `model` for a `PackedLinear` holding the same weight (CPU, float32); with
+    `fuse`, the siblings in FUSED_SIBLINGS (which read the same input) become `FusedLinear`s over one matrix.
 
     A tied head (lm_head sharing the embedding matrix) gets a packed copy of its own, since the embedding
     lookup needs the plain rows: that one matrix is then held twice. Returns how many Linears were swapped.
+    Modules are swapped one parent at a time, so a replaced weight is freed before the next is packed.
+    stacks: the groups' packed stacks, made while loading (`Stacker.stacks`; their members hold no weight yet).
     """
     swapped = 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                if not (child.weight.is_mkldnn or can_pack(child.weight.device, child.weight.dtype)):
-                    raise ValueError(f"{name}.{child_name}: packing needs a CPU float32 weight with oneDNN, "
-                                     f"got {child.weight.dtype} on {child.weight.device}")
-                setattr(module, child_name, PackedLinear.from_linear(child))
-                swapped += 1
-    if fuse:
-        fuse_siblings(model)
+    parents = [name for name, m in model.named_modules() if any(type(c) is nn.Linear for c in m.children())]
+    for name in parents:  # names, not modules: holding the old Linears would hold their weights
+        module = model.get_submodule(name)
+        for group in FUSED_SIBLINGS if fuse else ():
+            packed = (stacks or {}).pop((name, group), None)
+            if packed is None:
+                _check_packable(module, group, name)
+            if _fusable([getattr(module, child_name, None) for child_name in group]):
+                _fuse(module, group, packed)
+                swapped += len(group)
+        linears = [n for n, c in module.named_children() if type(c) is nn.Linear]
+        _check_packable(module, linears, name)
+        for child_name in linears:
+            setattr(module, child_name, PackedLinear.from_linear(getattr(module, child_name)))
+            swapped += 1
     return swapped
 
 

@@ -101,6 +101,36 @@ def test_fused_members_answer_any_input_in_any_order(tiny_biased):
     assert attn.q_proj.stack.input is None and attn.q_proj.stack.outputs == ()  # once all took theirs: nothing held
 
 
+@pytest.mark.parametrize("drop", [("k_proj",), ("q_proj", "k_proj", "v_proj")])
+def test_packed_load_names_missing_group_members(tiny_llama32, tmp_path, drop):
+    """Stacked while loading, a group with a member missing (or all of them) is still a missing tensor."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "m"
+    out.mkdir()
+    for f in tiny_llama32.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    state = load_file(str(out / "model.safetensors"))
+    for name in drop:
+        del state[f"model.layers.1.self_attn.{name}.weight"]
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MinillamaError, match=f"missing tensor model.layers.1.self_attn.{drop[0]}.weight"):
+        load_model(out, device="cpu", pack=True)
+
+
+@pytest.mark.slow
+def test_packed_load_holds_one_copy_at_its_peak(smollm2_dir):
+    """load_model(pack=True) reads, packs and stacks tensor by tensor: its peak memory is the plain (memory-mapped)
+    load's plus the one matrix it must hold twice (the tied head's packed copy), not a second model."""
+    from bounded import run
+
+    code = "import sys, minillama; minillama.load_model(sys.argv[1], 'cpu', pack=sys.argv[2] == 'packed')"
+    plain, packed = (run("-c", code, str(smollm2_dir), kind, timeout=120) for kind in ("plain", "packed"))
+    assert plain.returncode == packed.returncode == 0, packed.stderr
+    head_mb = 49152 * 576 * 4 / 2**20  # 108 MB
+    assert packed.peak_mb <= plain.peak_mb + head_mb + 40, (plain.peak_mb, packed.peak_mb)
+
+
 def test_load_state_dict_into_a_packed_model(tiny_llama2):
     plain = load_model(tiny_llama2, device="cpu")
     packed = load_model(tiny_llama2, device="cpu", pack=True)
