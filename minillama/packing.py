@@ -34,6 +34,21 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
 
 
+def incoming_weight(module: nn.Module, state_dict: dict, prefix: str, missing_keys: list,
+                    error_msgs: list) -> torch.Tensor | None:
+    """The weight a state_dict brings for `module`, if present and of its (out, in) shape; else None, with the
+    problem recorded where `load_state_dict` reports it."""
+    if prefix + "weight" not in state_dict:
+        missing_keys.append(prefix + "weight")
+        return None
+    weight = state_dict[prefix + "weight"]
+    if tuple(weight.shape) != (module.out_features, module.in_features):
+        error_msgs.append(f"size mismatch for {prefix}weight: {tuple(weight.shape)} vs "
+                          f"{(module.out_features, module.in_features)}")
+        return None
+    return weight
+
+
 class PackedLinear(nn.Module):
     """y = x W^T + b with W (out, in) held in oneDNN's blocked layout: a drop-in for an `nn.Linear`."""
 
@@ -62,13 +77,8 @@ class PackedLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if prefix + "weight" not in state_dict:
-            missing_keys.append(prefix + "weight")
-            return
-        weight = state_dict[prefix + "weight"]
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            error_msgs.append(f"size mismatch for {prefix}weight: {tuple(weight.shape)} vs "
-                              f"{(self.out_features, self.in_features)}")
+        weight = incoming_weight(self, state_dict, prefix, missing_keys, error_msgs)
+        if weight is None:
             return
         with torch.no_grad():
             self.weight = nn.Parameter(pack_weight(weight.float()), requires_grad=False)
@@ -142,13 +152,8 @@ class FusedLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if prefix + "weight" not in state_dict:
-            missing_keys.append(prefix + "weight")
-            return
-        weight = state_dict[prefix + "weight"]
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            error_msgs.append(f"size mismatch for {prefix}weight: {tuple(weight.shape)} vs "
-                              f"{(self.out_features, self.in_features)}")
+        weight = incoming_weight(self, state_dict, prefix, missing_keys, error_msgs)
+        if weight is None:
             return
         lead = self.lead
         with torch.no_grad():  # this member's rows replaced, the stack packed again
