@@ -211,6 +211,18 @@ def test_compiled_engine_gives_the_same_tokens(request, fixture, attention):
     assert got == reference_tokens(model, torch.cat([prompt_ids(6, seed=3), torch.tensor(reply), second]), 10)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_engine_runs_quantized_weights(tiny_llama32, mode):
+    """Inductor compiles the step around torch's int8/int4 kernels (on SmolLM2's Q4_1 weights it decoded 77 tok/s
+    against 56 eager, docs/quantization.md): the same greedy tokens as the eager engine on the same weights."""
+    pytest.importorskip("torch._inductor")
+    model = load_model(tiny_llama32, device="cpu", quantize=mode)
+    prompt = prompt_ids()
+    expected = reference_tokens(model, prompt, n=24)
+    engine = CompiledEngine(model, max_seq_len=48)
+    assert list(generate(model, prompt, max_new_tokens=24, eos_token_id=[], engine=engine)) == expected
+
+
 def test_compiled_engine_refuses_what_it_cannot_run(tiny_llama32, tmp_path):
     packed = load_model(tiny_llama32, device="cpu", pack=True)
     with pytest.raises(MinillamaError, match="plain weights"):

@@ -245,11 +245,11 @@ def test_dtype_without_quantize_means_float_weights():
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, quantized", [([], True), (["--dtype", "float32"], False),
                                               (["--quantize", "none"], False), (["--quantize", "int8"], False),
-                                              (["--engine", "compiled"], False)])
+                                              (["--engine", "compiled"], True)])
 def test_default_model_runs_its_4bit_weights_unless_asked(flags, quantized, smollm2_dir, smollm2_q4_dir,
                                                           monkeypatch):
-    """`minillama chat` / `generate` on the default model: its own Q4_1 blocks on a CPU; --dtype or --quantize
-    (or the compiled engine) take the float32 conversion, as before."""
+    """`minillama chat` / `generate` on the default model: its own Q4_1 blocks on a CPU, on either engine;
+    --dtype or --quantize take the float32 conversion, as before."""
     from minillama.cli import build_parser
     from minillama.cli.common import load_all
 

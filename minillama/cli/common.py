@@ -44,10 +44,9 @@ def quantize_args(args: argparse.Namespace) -> dict:
 
 
 def runs_default_quantized(args: argparse.Namespace, device: torch.device) -> bool:
-    """Whether chat and generate run the default model on its own 4-bit (Q4_1) weights: on a CPU, with the eager
-    engine, unless --dtype or --quantize asks for other weights. Elsewhere it runs dequantized to float32."""
-    return (quantize_args(args)["quantize"] is None and device.type == "cpu" and not tensor_parallel()
-            and getattr(args, "engine", None) != "compiled")
+    """Whether chat and generate run the default model on its own 4-bit (Q4_1) weights: on a CPU, unless --dtype
+    or --quantize asks for other weights. Elsewhere (a GPU, torchrun) it runs dequantized to float32."""
+    return quantize_args(args)["quantize"] is None and device.type == "cpu" and not tensor_parallel()
 
 
 def add_tp_arg(p: argparse.ArgumentParser) -> None:
