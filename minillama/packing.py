@@ -242,9 +242,9 @@ def _fuse(module: nn.Module, names: tuple[str, ...], packed: torch.Tensor | None
 
 
 @torch.no_grad()
-def pack_linears(model: nn.Module, fuse: bool = True, stacks: dict[tuple, torch.Tensor] | None = None) -> int:
-    """Swap every `nn.Linear` under `model` for a `PackedLinear` holding the same weight (CPU, float32); with
-    `fuse`, the siblings in FUSED_SIBLINGS (which read the same input) become `FusedLinear`s over one matrix.
+def pack_linears(model: nn.Module, stacks: dict[tuple, torch.Tensor] | None = None) -> int:
+    """Swap every `nn.Linear` under `model` for a `PackedLinear` holding the same weight (CPU, float32); the
+    siblings in FUSED_SIBLINGS (which read the same input) become `FusedLinear`s over one matrix.
 
     A tied head (lm_head sharing the embedding matrix) gets a packed copy of its own, since the embedding
     lookup needs the plain rows: that one matrix is then held twice. Returns how many Linears were swapped.
@@ -255,7 +255,7 @@ def pack_linears(model: nn.Module, fuse: bool = True, stacks: dict[tuple, torch.
     parents = [name for name, m in model.named_modules() if any(type(c) is nn.Linear for c in m.children())]
     for name in parents:  # names, not modules: holding the old Linears would hold their weights
         module = model.get_submodule(name)
-        for group in FUSED_SIBLINGS if fuse else ():
+        for group in FUSED_SIBLINGS:
             packed = (stacks or {}).pop((name, group), None)
             if packed is None:
                 _check_packable(module, group, name)

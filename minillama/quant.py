@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -332,10 +333,7 @@ def formats(model: nn.Module) -> dict[str, str]:
 
 def describe(model: nn.Module) -> str:
     """'int4-g32 x210, int8-g32 x1': each format and how many modules hold it ('' for float weights)."""
-    counts: dict[str, int] = {}
-    for fmt in formats(model).values():
-        counts[fmt] = counts.get(fmt, 0) + 1
-    return ", ".join(f"{fmt} x{n}" for fmt, n in sorted(counts.items(), key=lambda item: -item[1]))
+    return ", ".join(f"{fmt} x{n}" for fmt, n in Counter(formats(model).values()).most_common())
 
 
 def quantization_config(module_formats: dict[str, str]) -> dict:

@@ -105,6 +105,16 @@ def smollm2_gguf(tmp_path_factory) -> Path:
     return fetch_default_gguf(tmp_path_factory.mktemp("smollm2-gguf"))
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: small matmuls on a shared 2-core machine only pay OpenMP barrier stalls for a
+    second one (DEVELOPING.md). Files that want it say `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory) -> Path:
     """A minillama cache directory for this session (MINILLAMA_CACHE), where the default model's forms go."""

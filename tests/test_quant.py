@@ -26,13 +26,7 @@ LINEARS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weigh
            "ffn_up.weight", "ffn_down.weight")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls on a shared 2-core machine: one thread avoids OpenMP barrier stalls (DEVELOPING.md)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices (conftest.one_thread)
 
 
 def logits(model, ids=IDS) -> torch.Tensor:

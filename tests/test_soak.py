@@ -81,10 +81,4 @@ def test_after_clear_the_session_answers_as_a_fresh_one(session_parts):
     assert used.messages == fresh.messages
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: a second thread only adds synchronisation (and stalls badly on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices (conftest.one_thread)

@@ -42,7 +42,7 @@ def figures(results: dict[str, dict[str, Any]], copy_gb_s: float, context: dict[
     float_sides = [side for side in ours if not quantized_side(side)] or ours
     weight_bytes = next((results[side]["weight_bytes"] for side in float_sides), None)
     for side, r in results.items():
-        read = r.get("weight_bytes", weight_bytes) if side in ours or side == "llama.cpp" else weight_bytes
+        read = r.get("weight_bytes", weight_bytes)  # transformers reports none: it reads the float weights
         if read and r.get("decode_tok_s"):
             r["bandwidth_fraction"] = r["decode_tok_s"] * read / (copy_gb_s * 1e9)
         for key, unit in UNITS.items():
