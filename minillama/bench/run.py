@@ -113,15 +113,7 @@ def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None,
         raise MinillamaError("a side is named twice in --sides")
     if prompt_len < 1 or new_tokens < 1 or repeats < 1:
         raise MinillamaError("--prompt-len, --new-tokens and --repeats must be at least 1")
-    gguf_sides = [side for side in sides if side in GGUF_SIDES]
-    if gguf_sides and gguf is None:
-        raise MinillamaError(f"the {gguf_sides[0]} side runs the GGUF file the model came from: give it with --gguf FILE")
-    if gguf_sides and not Path(gguf).is_file():
-        raise MinillamaError(f"{gguf}: no such GGUF file (--gguf)")
-    if "llama.cpp" in sides:
-        from minillama.optional import require
-
-        require("llama_cpp", "the llama.cpp side")
+    _check_gguf_sides(sides, gguf)
     progress = progress or (lambda message: None)
     with tempfile.TemporaryDirectory(prefix="minillama-bench-") as tmp:
         model_dir, model_config, torch_dtype, name = _checkpoint(model, config, dtype, dev, seed, Path(tmp),
@@ -133,14 +125,7 @@ def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None,
                 "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "seed": seed,
                 "compile": compile}
         specs = {side: {**base, "side": side, "options": options} for side, options in variants.items()}
-        for side in gguf_sides:
-            specs[side]["gguf"] = str(gguf)
-        if "minillama:weights=gguf" in gguf_sides:
-            from minillama.gguf import convert_gguf
-
-            progress(f"converting {gguf} with its quantized blocks kept")
-            specs["minillama:weights=gguf"]["model"] = str(convert_gguf(gguf, Path(tmp) / "gguf-blocks",
-                                                                       progress=False, keep_quantized=True))
+        _add_gguf(specs, gguf, Path(tmp), progress)
         warm_page_cache(model_dir)  # the first side must not pay for the disk reads that the next one skips
         progress("measuring the copy bandwidth")
         copy = run_worker({**base, "side": "copy"})
@@ -149,6 +134,31 @@ def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None,
     context = {"device": device_name,
                "dtype": base["dtype"], "model": name, "prompt_len": prompt_len, "new_tokens": new_tokens}
     return figures(results, copy["copy_gb_s"], context)
+
+
+def _check_gguf_sides(sides: list[str], gguf: str | Path | None) -> None:
+    """The GGUF sides need the file, and llama.cpp its Python package: said before any work."""
+    wanted = [side for side in sides if side in GGUF_SIDES]
+    if wanted and gguf is None:
+        raise MinillamaError(f"the {wanted[0]} side runs the GGUF file the model came from: give it with --gguf FILE")
+    if wanted and not Path(gguf).is_file():
+        raise MinillamaError(f"{gguf}: no such GGUF file (--gguf)")
+    if "llama.cpp" in sides:
+        from minillama.optional import require
+
+        require("llama_cpp", "the llama.cpp side")
+
+
+def _add_gguf(specs: dict[str, dict[str, Any]], gguf: str | Path | None, tmp: Path, progress) -> None:
+    """Point the GGUF sides at the file; minillama's at the file converted with its quantized blocks kept."""
+    for side in set(specs) & set(GGUF_SIDES):
+        specs[side]["gguf"] = str(gguf)
+    if "minillama:weights=gguf" in specs:
+        from minillama.gguf import convert_gguf
+
+        progress(f"converting {gguf} with its quantized blocks kept")
+        specs["minillama:weights=gguf"]["model"] = str(convert_gguf(gguf, tmp / "gguf-blocks", progress=False,
+                                                                   keep_quantized=True))
 
 
 def run_ranks(model, config, dev, dtype, prompt_len, new_tokens, repeats, compile, seed,

@@ -55,7 +55,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from minillama.bench import TINY_CONFIG, run_bench
-    from minillama.bench.run import GGUF_SIDES
     from minillama.errors import MinillamaError
 
     if sum(bool(x) for x in (args.model, args.config, args.tiny)) > 1:
@@ -89,12 +88,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="minillama-bench-gguf-") as tmp:
-        gguf = args.gguf
-        if gguf is None and sides and any(side in GGUF_SIDES for side in sides) and \
-                (args.model or DEFAULT_MODEL) == DEFAULT_MODEL and not (args.config or args.tiny):
-            from minillama.hub import fetch_default_gguf
-
-            gguf = fetch_default_gguf(Path(tmp), offline=args.offline)
+        gguf = args.gguf or default_gguf(args, sides, Path(tmp))
         records = run_bench(model, config=config, device=args.device, dtype=args.dtype, prompt_len=args.prompt_len,
                             new_tokens=args.new_tokens, repeats=args.repeats, sides=sides,
                             compile={"auto": None, "on": True, "off": False}[args.compile], seed=args.seed,
@@ -121,6 +115,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"minillama bench: {', '.join(failed)} failed (see above); the other figures stand", file=sys.stderr)
         return 1
     return 0
+
+
+def default_gguf(args: argparse.Namespace, sides: list[str] | None, tmp: Path) -> Path | None:
+    """The default model's own GGUF, when it is the model benchmarked and a side runs the GGUF (else None)."""
+    from minillama.bench.run import GGUF_SIDES
+    from minillama.hub import DEFAULT_MODEL, fetch_default_gguf
+
+    if not sides or not set(sides) & set(GGUF_SIDES) or args.config or args.tiny or \
+            (args.model or DEFAULT_MODEL) != DEFAULT_MODEL:
+        return None
+    return fetch_default_gguf(tmp, offline=args.offline)
 
 
 def quantized_sides(args: argparse.Namespace, sides: list[str] | None) -> list[str]:
