@@ -31,8 +31,7 @@ from minillama.capture import active_taps
 from minillama.errors import MinillamaError, read_json_object
 from minillama.fast import compiled_engine_applies, compiled_engine_for
 from minillama.sampling import SamplingSettings, check_sampling_args, make_generator, next_token, seen_tokens
-
-STOP_EOS, STOP_LENGTH, STOP_STRING, STOP_CONTEXT = "eos", "length", "stop_string", "context"
+from minillama.stopping import STOP_CONTEXT, STOP_EOS, STOP_LENGTH, STOP_STRING, stop_reason  # noqa: F401 (re-exported)
 
 # Tokens that close a turn in common chat formats (Llama 3, ChatML). An instruct model ends its reply
 # with one; a generation_config.json that forgets it would otherwise let the model talk forever.
@@ -111,7 +110,8 @@ class GenerationConfig(SamplingSettings):
     def check(self) -> None:
         """Raise `MinillamaError` for any invalid value."""
         check_sampling_args(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                            repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens)
+                            repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens,
+                            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
 
     @property
     def pad_id(self) -> int:
@@ -271,11 +271,13 @@ class Generation:
         position_ids, key_padding_mask, next_pos = self._padding(attention_mask, B, T)
         seen = self._seen(input_ids, attention_mask, history)  # (B, V) what the repetition penalty counts
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # (B,) rows that stopped
+        penalties = self.config.presence_penalty or self.config.frequency_penalty
+        counts = torch.zeros(B, self.vocab_size, device=input_ids.device) if penalties else None  # (B, V) generated
         pipe = TokenPipe(self.engine.lag if B == 1 else 0, B, input_ids.device)
 
         logits = self.engine.forward(input_ids, start, position_ids, key_padding_mask)  # the prefill: (B, V)
         for step in range(self.limit):
-            ids, healthy = self._choose(logits, seen, finished)  # (B,) on the device
+            ids, healthy = self._choose(logits, seen, finished, counts)  # (B,) on the device
             pipe.push(ids, healthy)
             if pipe.due():
                 yield from self._emit(*pipe.pop(), finished)
@@ -319,15 +321,17 @@ class Generation:
         return seen
 
     @torch.inference_mode()
-    def _choose(self, logits: torch.Tensor, seen: torch.Tensor,
-                finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _choose(self, logits: torch.Tensor, seen: torch.Tensor, finished: torch.Tensor,
+                counts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Next ids (B,) from logits (B, V), and whether every running row's logits were finite (a 0-d bool),
-        both left on the device. Finished rows get the pad id. The ids are marked seen."""
+        both left on the device. Finished rows get the pad id. The ids are marked seen (and counted)."""
         # One max per row is enough to catch a NaN or +inf anywhere in it (max propagates NaN).
         healthy = (torch.isfinite(logits.amax(dim=-1)) | finished).all()
-        ids = next_token(logits, seen, self.config, self.generator)  # (B,)
+        ids = next_token(logits, seen, self.config, self.generator, counts=counts)  # (B,)
         ids = ids.masked_fill(finished, self.config.pad_id)
         seen.scatter_(1, ids[:, None], True)
+        if counts is not None:
+            counts.scatter_add_(1, ids[:, None], (~finished[:, None]).float())
         return ids, healthy
 
     def _emit(self, ids: list[int], healthy: bool, finished: torch.Tensor) -> Iterator[int | torch.Tensor]:
@@ -347,25 +351,10 @@ class Generation:
         yield torch.tensor(ids) if self.batched else ids[0]
 
     def _stop_rule(self, b: int, token: int) -> str | None:
-        """Why row b stops after `token`, or None: every stop rule of minillama, in one place."""
-        if token in self.config.eos_token_id:
-            return STOP_EOS
-        if self._hits_stop_string(b):
-            return STOP_STRING
-        if len(self.tokens[b]) == self.limit:
-            return STOP_LENGTH if self.limit == self.config.max_new_tokens else STOP_CONTEXT
-        return None
-
-    def _hits_stop_string(self, b: int) -> bool:
-        """Whether row b's generated text now contains a stop string."""
-        stops = self.config.stop_strings
-        if not stops:
-            return False
-        # Decode only the tail: a stop string of n characters lies within the last n tokens (a few more
-        # where one character spans several byte tokens), so each step costs the same.
-        window = 4 * max(len(s) for s in stops) + 4
-        text = self.tokenizer.decode(self.tokens[b][-window:])
-        return any(s in text for s in stops)
+        """Why row b stops after `token`, or None (stopping.py: the rules the engine applies too)."""
+        c = self.config
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        return stop_reason(self.tokens[b], c.eos_token_id, c.stop_strings, self.limit, c.max_new_tokens, decode)
 
 
 def generate(model: torch.nn.Module, input_ids: Any, generation_config: GenerationConfig | None = None, *,

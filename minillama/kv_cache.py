@@ -7,6 +7,9 @@ new keys/values at slot `input_pos` and attends over them:
 - `input_pos` a tensor (the compiled decode step): write with `index_copy_` and attend over every slot,
   the empty ones masked. No shape then depends on the position, so one compiled graph (one CUDA graph)
   serves every step, and the buffers never move.
+- `input_pos` a (B,) tensor: each row written at its own slot. The slot engine (engine.py) keeps one request
+  per row, each with its own length, and runs a step over `CacheRows`: some rows of the cache, attended over
+  their first `span` slots (the longest row's), the rest of each row masked.
 """
 
 from __future__ import annotations
@@ -30,17 +33,30 @@ class LayerKVCache(nn.Module):
     def update(self, input_pos: int | torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, Hkv, T, D) at slots [input_pos, input_pos + T); return the keys/values to attend to:
-        (B, Hkv, input_pos + T, D) for an int position, all (B, Hkv, S_max, D) for a tensor one."""
-        T = k.shape[2]
+        (B, Hkv, input_pos + T, D) for an int position, all (B, Hkv, S_max, D) for a tensor one, which is
+        (1,) (every row at the same slots) or (B,) (each row at its own)."""
         if isinstance(input_pos, torch.Tensor):
-            slots = input_pos + torch.arange(T, device=k.device)  # (T,)
-            self.k.index_copy_(2, slots, k)
-            self.v.index_copy_(2, slots, v)
+            write_rows(self.k, slice(None), input_pos, k)
+            write_rows(self.v, slice(None), input_pos, v)
             return self.k, self.v
-        end = input_pos + T
+        end = input_pos + k.shape[2]
         self.k[:, :, input_pos:end] = k
         self.v[:, :, input_pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def write_rows(buffer: torch.Tensor, rows: slice | torch.Tensor, input_pos: torch.Tensor, x: torch.Tensor) -> None:
+    """Write x (B, Hkv, T, D) into rows `rows` of buffer (B_max, Hkv, S_max, D) at slots input_pos + [0, T):
+    input_pos (1,) is one position for every row, (B,) one per row."""
+    T = x.shape[2]
+    slots = input_pos[:, None] + torch.arange(T, device=x.device)  # (1 or B, T)
+    if isinstance(rows, slice) and slots.shape[0] == 1:
+        buffer[rows].index_copy_(2, slots[0], x)  # one set of slots: a plain copy (and a static one to compile)
+        return
+    B = x.shape[0]
+    row_ids = torch.arange(buffer.shape[0], device=x.device)[rows] if isinstance(rows, slice) else rows  # (B,)
+    # Advanced indices on dims 0 and 2 put their (B, T) shape first: the values go in as (B, T, Hkv, D).
+    buffer[row_ids[:, None].expand(B, T), :, slots.expand(B, T)] = x.transpose(1, 2)
 
 
 class KVCache(nn.Module):
@@ -61,3 +77,31 @@ class KVCache(nn.Module):
 
     def __getitem__(self, i: int) -> LayerKVCache:
         return self.layers[i]
+
+
+class CacheRows:
+    """Rows of a KVCache attended over their first `span` slots, each written at its own position: what one
+    step of the slot engine reads and writes. The model sees a cache of len(rows) rows and `span` slots.
+
+    rows: a slice when the step's requests sit in consecutive rows (the keys are then a view, no copy),
+          else a (B,) index tensor (the keys are gathered).
+    """
+
+    def __init__(self, cache: KVCache, rows: slice | torch.Tensor, span: int):
+        self.cache, self.rows, self.max_seq_len = cache, rows, span
+
+    def __getitem__(self, i: int) -> LayerRows:
+        return LayerRows(self.cache[i], self.rows, self.max_seq_len)
+
+
+class LayerRows:
+    """One layer's view of `CacheRows`."""
+
+    def __init__(self, layer: LayerKVCache, rows: slice | torch.Tensor, span: int):
+        self.layer, self.rows, self.span = layer, rows, span
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, T, D) at each row's slots input_pos[b] + [0, T); return (B, Hkv, span, D) each."""
+        write_rows(self.layer.k, self.rows, input_pos, k)
+        write_rows(self.layer.v, self.rows, input_pos, v)
+        return self.layer.k[self.rows, :, :self.span], self.layer.v[self.rows, :, :self.span]

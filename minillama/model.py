@@ -144,16 +144,18 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 def attention_mask(q_slots: torch.Tensor, S: int, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
     """Boolean mask (B or 1, 1, T, S), True where a query may attend to a key.
 
-    Query t sits at cache slot q_slots[t] (T,) and sees slots up to and including its own (causal); slots
-    past it are either later tokens or empty. With left padding, `key_padding_mask` (B, S) marks real
-    tokens; a padding query then sees only itself, so no softmax row is empty (its output is never used).
+    Query t of row b sits at cache slot q_slots[b, t] ((B or 1, T): rows of a slot engine each have their own
+    length) and sees slots up to and including its own (causal, aligned to its own slot: a chunk after cached
+    tokens sees them all); slots past it are later tokens, empty, or another request's leftovers. With left
+    padding, `key_padding_mask` (B, S) marks real tokens; a padding query then sees only itself, so no softmax
+    row is empty (its output is never used).
     """
-    q_slot = q_slots[:, None]  # (T, 1)
-    k_slot = torch.arange(S, device=q_slots.device)[None, :]  # (1, S)
-    mask = (k_slot <= q_slot)[None, None]  # (1, 1, T, S)
+    q_slot = q_slots[:, :, None]  # (B or 1, T, 1)
+    k_slot = torch.arange(S, device=q_slots.device)[None, None, :]  # (1, 1, S)
+    mask = (k_slot <= q_slot)[:, None]  # (B or 1, 1, T, S)
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :S].bool()  # (B, 1, T, S)
-        mask = mask | (k_slot == q_slot)[None, None]
+        mask = mask | (k_slot == q_slot)[:, None]
     return mask
 
 
@@ -270,9 +272,10 @@ class LlamaForCausalLM(nn.Module):
         """Logits (B, T, V) for input_ids (B, T).
 
         cache:            keys/values of earlier tokens; this call appends T more at slot `input_pos`.
-        input_pos:        how many tokens are already in the cache (0 without one). A (1,) tensor instead of
-                          an int makes every shape independent of the position (all cache slots are attended,
-                          the empty ones masked): what a compiled decode step needs (see kv_cache.py).
+        input_pos:        how many tokens are already in the cache (0 without one). A tensor instead of an
+                          int makes every shape independent of the position (all cache slots are attended,
+                          the empty ones masked): (1,) for one position, what a compiled decode step needs,
+                          or (B,) for one per row, what the slot engine needs (see kv_cache.py).
         position_ids:     RoPE positions (B, T); default input_pos + [0, T). Left-padded batches pass their own.
         key_padding_mask: (B, S) True for real tokens, False for padding; default: all real.
         logits_to_keep:   only the last this many positions get logits (B, logits_to_keep, V); 0 keeps all.
@@ -287,7 +290,9 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError("input_pos > 0 needs the cache that holds the earlier tokens")
         if not static and cache is not None and input_pos + T > cache.max_seq_len:
             raise ValueError(f"{input_pos + T} tokens do not fit a cache of {cache.max_seq_len}")
-        slots = input_pos + torch.arange(T, device=input_ids.device)  # (T,) cache slots of the new tokens
+        new = torch.arange(T, device=input_ids.device)  # (T,)
+        # Cache slots of the new tokens (B or 1, T): the same for every row, or each row's own with a (B,) input_pos.
+        slots = input_pos[:, None] + new if static else (input_pos + new)[None]
         if position_ids is None:
             position_ids = slots.expand(B, T)
         eager = self.model.layers[0].self_attn.attn_implementation == "eager"

@@ -14,7 +14,7 @@ import pexpect
 import pytest
 
 from minillama.cli import build_parser, main
-from minillama.cli.generate import StopTrimmer
+from minillama.stopping import StopTrimmer
 from minillama.hub import DEFAULT_MODEL
 
 CLI = [sys.executable, "-m", "minillama"]

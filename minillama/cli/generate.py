@@ -14,6 +14,7 @@ from minillama.cli.common import (add_model_args, add_prompt_args, add_sampling_
                                   load_all, read_prompt, use_raw)
 from minillama.errors import MinillamaError
 from minillama.sampling import make_generator
+from minillama.stopping import StopTrimmer
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,35 +28,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", help="stop when the completion contains this text, which is left out "
                                                    "(repeatable)")
     p.set_defaults(func=run)
-
-
-class StopTrimmer:
-    """Cuts streamed text at the first stop string, holding back any tail that could begin one."""
-
-    def __init__(self, stops: list[str] | None):
-        self.stops = [s for s in stops or [] if s]
-        self.pending = ""  # text not printed yet: a possible start of a stop string
-        self.stopped = False
-
-    def push(self, text: str) -> str:
-        """The part of the text so far that is safe to print now."""
-        if self.stopped:
-            return ""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            out, self.pending = self.pending[:min(hits)], ""
-            return out
-        # The longest tail of the text that is a proper prefix of some stop string waits for more text.
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out = self.pending[:len(self.pending) - keep]
-        self.pending = self.pending[len(out):]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = ("" if self.stopped else self.pending), ""
-        return out
 
 
 def prompt_ids(loaded, prompt: str, args: argparse.Namespace) -> list[int]:

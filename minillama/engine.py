@@ -1,0 +1,471 @@
+"""The continuous-batching engine: many requests through one model, joining and leaving a running batch.
+
+    engine = minillama.Engine(model, tokenizer, slots=16)
+    handle = engine.submit(Request(prompt=ids, max_tokens=100, temperature=0.7, seed=1))
+    engine.start()                       # a background thread runs the steps (or call engine.step() yourself)
+    for piece in handle:                 # token ids, text pieces and log-probs as they are chosen
+        print(piece.text, end="")
+    print(handle.finish_reason, handle.usage)
+
+The KV cache has `slots` rows, one request per row, each with its own length. One `step()`:
+  1. takes in new requests and cancellations (a cancelled request frees its slot at once);
+  2. asks the scheduler (scheduler.py) which requests decode and which prompt chunk prefills;
+  3. runs model.py's forward once for the decoding rows (B, 1), each at its own position (`CacheRows`,
+     kv_cache.py), and once for the prompt chunk (1, T);
+  4. chooses every row's next token in one vectorised call of sampling.py's pure functions, each row with its
+     own settings ((B, 1) tensors kept per slot) and its own seed (`sample_seeded`);
+  5. applies the stop rules (stopping.py, the ones `generate` uses) and hands each request its token.
+
+Greedy tokens equal `minillama.generate`'s alone, up to the rounding that batch composition changes (a tie
+between the top two logits can then go the other way). Design and figures: docs/serving.md.
+
+Shapes: B rows in this step, T new tokens, V vocabulary, S slots.
+"""
+
+from __future__ import annotations
+
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from minillama.errors import MinillamaError
+from minillama.generation import END_OF_TURN_TOKENS
+from minillama.kv_cache import CacheRows
+from minillama.sampling import (SamplingSettings, check_sampling_args, check_seed, penalize, sample_seeded,
+                                seeded_uniform, seen_tokens, warp)
+from minillama.scheduler import Scheduler, Sequence
+from minillama.stopping import StopTrimmer, stop_reason
+
+STOP_CANCELLED, STOP_ERROR = "cancelled", "error"
+MAX_LOGPROBS = 20  # top alternatives per token, at most (OpenAI's and vLLM's limit)
+
+
+@dataclass
+class Request:
+    """One completion: a prompt of token ids and its own settings (OpenAI's names and defaults)."""
+
+    prompt: list[int]
+    max_tokens: int = 256  # the most tokens to generate
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # 1: off
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # transformers': on prompt and output; 1: off
+    presence_penalty: float = 0.0  # OpenAI's: on the output only; 0: off
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
+    seed: int | None = None  # None: a fresh random one (reported back in handle.seed)
+    stop: list[str] = field(default_factory=list)  # stop strings, never part of the text
+    eos_token_ids: list[int] | None = None  # None: the engine's (the model's eos and end-of-turn tokens)
+    logprobs: int | None = None  # None: no log-probs; N >= 0: the chosen token's and the N most likely
+
+
+@dataclass
+class Piece:
+    """One generated token: its id, the text it completes (often "" mid-character or while a stop string may
+    be starting), and, when asked, its log-probability and the top alternatives [(id, logprob), ...]."""
+
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class Handle:
+    """What `Engine.submit` returns: iterate it for `Piece`s as they are chosen (from any thread); after the
+    last one, `finish_reason` ("eos", "stop_string", "length", "cancelled", "error"), `usage`, `text`."""
+
+    def __init__(self, request: Request, seed: int):
+        self.request, self.seed = request, seed
+        self.pieces: list[Piece] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.usage: dict[str, int] = {"prompt_tokens": len(request.prompt), "completion_tokens": 0,
+                                      "cached_tokens": 0}
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._events: queue.Queue[Piece | None] = queue.Queue()
+        self._done = threading.Event()
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [p.token_id for p in self.pieces]
+
+    def __iter__(self) -> Iterator[Piece]:
+        while (piece := self._events.get()) is not None:
+            yield piece
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request has finished; False on timeout."""
+        return self._done.wait(timeout)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    # Called by the engine, in its thread:
+    def _put(self, piece: Piece) -> None:
+        self.first_token_at = self.first_token_at or time.perf_counter()
+        self.pieces.append(piece)
+        self.text += piece.text
+        self.usage["completion_tokens"] = len(self.pieces)
+        self._events.put(piece)
+
+    def _finish(self, reason: str, tail: str = "", error: str | None = None) -> None:
+        if tail:  # text held back until the end (a possible stop string that was not): one last piece
+            self.text += tail
+            self._events.put(Piece(-1, tail))
+        self.finish_reason, self.error, self.finished_at = reason, error, time.perf_counter()
+        self._events.put(None)
+        self._done.set()
+
+
+class EngineFull(MinillamaError):
+    """The waiting queue is full: try again later (HTTP 429)."""
+
+
+class SlotSettings:
+    """Every slot's sampling settings as tensors, one row per slot, written when a request is admitted, so a
+    step reads the settings of its rows with one index instead of a loop over requests."""
+
+    def __init__(self, n_slots: int, vocab_size: int, device: torch.device):
+        def col(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.zeros(n_slots, 1, dtype=dtype, device=device)  # (S, 1)
+
+        self.temperature, self.top_p, self.min_p = col(), col(), col()
+        self.repetition_penalty, self.presence_penalty, self.frequency_penalty = col(), col(), col()
+        self.top_k, self.greedy = col(torch.long), torch.zeros(n_slots, dtype=torch.bool, device=device)
+        self.seeds = torch.zeros(n_slots, 2, dtype=torch.long, device=device)  # (S, 2) two 32-bit halves
+        self.seen = torch.zeros(n_slots, vocab_size, dtype=torch.bool, device=device)  # (S, V) prompt + output
+        self.counts = torch.zeros(n_slots, vocab_size, device=device)  # (S, V) output tokens, for OpenAI's penalties
+        self.logit_bias = torch.zeros(n_slots, vocab_size, device=device)  # (S, V)
+        self.any_bias = [False] * n_slots  # host-side: skip the (B, V) add when no row has a bias
+
+    def write(self, slot: int, r: Request, seed: int, vocab_size: int) -> None:
+        greedy = r.temperature == 0
+        self.temperature[slot] = 1.0 if greedy else r.temperature
+        self.top_p[slot], self.min_p[slot], self.top_k[slot] = r.top_p, r.min_p, r.top_k
+        self.repetition_penalty[slot] = r.repetition_penalty
+        self.presence_penalty[slot], self.frequency_penalty[slot] = r.presence_penalty, r.frequency_penalty
+        self.greedy[slot] = greedy
+        self.seeds[slot, 0], self.seeds[slot, 1] = seed & 0xFFFFFFFF, seed >> 32
+        self.seen[slot] = seen_tokens(torch.tensor([r.prompt], device=self.seen.device), vocab_size)[0]
+        self.counts[slot] = 0
+        self.logit_bias[slot] = 0
+        for token, bias in r.logit_bias.items():
+            self.logit_bias[slot, token] = bias
+        self.any_bias[slot] = bool(r.logit_bias)
+
+    def rows(self, rows: torch.Tensor) -> SamplingSettings:
+        """The settings of these rows as (B, 1) tensors, in the shape sampling.py's functions take."""
+        return SamplingSettings(do_sample=True, temperature=self.temperature[rows], top_k=self.top_k[rows],
+                                top_p=self.top_p[rows], min_p=self.min_p[rows],
+                                repetition_penalty=self.repetition_penalty[rows],
+                                presence_penalty=self.presence_penalty[rows],
+                                frequency_penalty=self.frequency_penalty[rows])
+
+
+class Engine:
+    """Requests in, tokens out, many at a time through one model.
+
+    slots:       requests decoded together (rows of the KV cache)
+    max_seq_len: tokens per slot (prompt + reply); default min(the model's context, 4096)
+    chunk_size:  the most prompt tokens prefilled in one step
+    max_waiting: requests that may wait for a slot; one more is refused with `EngineFull` (None: no limit)
+    eos_token_ids: where replies end unless a request says otherwise (default: the model's generation_config
+                 eos ids plus the tokenizer's eos and end-of-turn tokens)
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, slots: int = 16, *,
+                 max_seq_len: int | None = None, chunk_size: int = 256, max_waiting: int | None = None,
+                 eos_token_ids: Seq[int] | None = None):
+        if slots < 1 or chunk_size < 1:
+            raise MinillamaError(f"slots and chunk_size must be >= 1, got {slots} and {chunk_size}")
+        self.model, self.tokenizer = model, tokenizer
+        self.vocab_size = model.config.vocab_size
+        self.max_seq_len = min(max_seq_len or 4096, model.config.max_position_embeddings)
+        self.n_slots, self.max_waiting = slots, max_waiting
+        self.cache = model.new_cache(slots, self.max_seq_len)  # (S rows of max_seq_len tokens) per layer
+        self.settings = SlotSettings(slots, self.vocab_size, model.device)
+        self.scheduler = Scheduler(slots, chunk_size)
+        self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else self._default_eos()
+        self._streams: dict[int, tuple[Any, StopTrimmer]] = {}  # slot -> (detokenizer, stop trimmer)
+        self._inbox: list[Sequence] = []
+        self._cancelled: list[Handle] = []
+        self._seqs: dict[int, Sequence] = {}  # id(handle) -> its request's state
+        self._wake = threading.Condition()
+        self._step_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.counters = {"finished": 0, "cancelled": 0, "refused": 0, "errors": 0, "prompt_tokens": 0,
+                         "cached_tokens": 0, "output_tokens": 0, "steps": 0}
+
+    # ---- The caller's side (any thread) ---------------------------------------------------------------
+
+    @property
+    def kv_bytes_per_slot(self) -> int:
+        layer = self.cache[0].k
+        return 2 * len(self.cache.layers) * layer[0].numel() * layer.element_size()
+
+    def memory_line(self) -> str:
+        c, layer = self.model.config, self.cache[0].k
+        return (f"KV cache: {self.n_slots} slots x {self.max_seq_len:,} tokens x {c.num_hidden_layers} layers x 2 "
+                f"(k, v) x {layer.shape[1]} kv heads x {layer.shape[3]} dims x {layer.element_size()} bytes = "
+                f"{self.n_slots * self.kv_bytes_per_slot / 2**20:,.1f} MiB")
+
+    def check(self, r: Request) -> None:
+        """Raise `MinillamaError` (one line, with the numbers) for a request this engine cannot run."""
+        if not isinstance(r.prompt, list) or not r.prompt:
+            raise MinillamaError("the prompt is empty; give at least one token")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in r.prompt):
+            raise MinillamaError(f"prompt token ids must be in 0..{self.vocab_size - 1}")
+        check_sampling_args(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
+                            repetition_penalty=r.repetition_penalty, max_new_tokens=r.max_tokens,
+                            presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty)
+        if len(r.prompt) + r.max_tokens > self.max_seq_len:
+            raise MinillamaError(f"{len(r.prompt)} prompt tokens + max_tokens={r.max_tokens} = "
+                                 f"{len(r.prompt) + r.max_tokens} exceeds the context of {self.max_seq_len} "
+                                 "tokens; shorten the prompt or lower max_tokens")
+        for token, bias in r.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.vocab_size:
+                raise MinillamaError(f"logit_bias: token id {token!r} is not in 0..{self.vocab_size - 1}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise MinillamaError(f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias!r}")
+        if r.logprobs is not None and (isinstance(r.logprobs, bool) or not isinstance(r.logprobs, int)
+                                       or not 0 <= r.logprobs <= MAX_LOGPROBS):
+            raise MinillamaError(f"logprobs must be a whole number from 0 to {MAX_LOGPROBS}, got {r.logprobs!r}")
+        if r.seed is not None:
+            check_seed(r.seed)
+        if r.stop and self.tokenizer is None:
+            raise MinillamaError("stop strings need the engine's tokenizer; pass tokenizer= to Engine")
+
+    def submit(self, request: Request) -> Handle:
+        """Queue a request; returns its handle at once. Raises `MinillamaError` for a request that cannot
+        run (checked before it is queued) and `EngineFull` when the waiting queue is full."""
+        try:
+            self.check(request)
+        except MinillamaError:
+            self.counters["refused"] += 1
+            raise
+        handle = Handle(request, secrets.randbits(64) if request.seed is None else request.seed)
+        with self._wake:
+            if self.max_waiting is not None and self.waiting >= self.max_waiting:
+                self.counters["refused"] += 1
+                raise EngineFull(f"{self.waiting} requests are waiting for {self.n_slots} slots; try again shortly")
+            seq = Sequence(list(request.prompt), request, handle)
+            self._seqs[id(handle)] = seq
+            self._inbox.append(seq)
+            self._wake.notify()
+        return handle
+
+    def cancel(self, handle: Handle) -> None:
+        """Stop a request; its slot is free after the next step begins. Cancelling a finished one does nothing."""
+        with self._wake:
+            self._cancelled.append(handle)
+            self._wake.notify()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._inbox) + len(self.scheduler.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.scheduler.running)
+
+    def start(self) -> Engine:
+        """Run steps in a background thread until `stop()`; submit and cancel from any thread meanwhile."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="minillama-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def generate(self, requests: Seq[Request]) -> list[Handle]:
+        """Run a batch of requests to the end (offline, like vLLM's `LLM.generate`); handles in request order."""
+        handles = [self.submit(r) for r in requests]
+        while not all(h.done for h in handles):
+            if self._thread is not None:
+                handles[[h.done for h in handles].index(False)].wait()
+            else:
+                self.step()
+        return handles
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._inbox or self._cancelled or self.scheduler.busy):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    # ---- One step (the engine's thread) -----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One iteration: admit, decode every running request one token, prefill one chunk. False if idle."""
+        with self._step_lock:
+            self._take_inbox()
+            for seq in self.scheduler.admit():
+                self._admitted(seq)
+            decode, prefill = self.scheduler.plan()
+            if not decode and prefill is None:
+                return False
+            self.counters["steps"] += 1
+            seqs, logits = [], []
+            try:
+                if decode:
+                    logits.append(self._decode(decode))
+                    seqs += decode
+                if prefill is not None:
+                    seq, start, end = prefill
+                    last = self._prefill(seq, start, end)
+                    if seq.prefilled:  # the whole prompt is in: its last logits choose the first token
+                        logits.append(last)
+                        seqs.append(seq)
+                if seqs:
+                    self._emit(seqs, *self._choose(seqs, torch.cat(logits)))
+            except Exception as e:  # a failing forward ends the requests in it, not the engine
+                for seq in ([*decode] + ([prefill[0]] if prefill else [])):
+                    if seq.slot is not None:
+                        self.counters["errors"] += 1
+                        self._end(seq, STOP_ERROR, error=f"{type(e).__name__}: {e}")
+            return True
+
+    def _take_inbox(self) -> None:
+        with self._wake:
+            inbox, self._inbox = self._inbox, []
+            cancelled, self._cancelled = self._cancelled, []
+        for seq in inbox:
+            self.scheduler.add(seq)
+        for handle in cancelled:
+            seq = self._seqs.get(id(handle))
+            if seq is not None and not handle.done:
+                self.counters["cancelled"] += 1
+                self._end(seq, STOP_CANCELLED)
+
+    def _admitted(self, seq: Sequence) -> None:
+        r = seq.request
+        self.settings.write(seq.slot, r, seq.handle.seed, self.vocab_size)
+        detok = self.tokenizer.stream_decoder(skip_special_tokens=True) if self.tokenizer is not None else None
+        self._streams[seq.slot] = (detok, StopTrimmer(r.stop))
+        seq.handle.usage["cached_tokens"] = seq.reused
+        self.counters["prompt_tokens"] += len(seq.prompt)
+        self.counters["cached_tokens"] += seq.reused
+
+    def _rows(self, slots: list[int]) -> slice | torch.Tensor:
+        """Cache rows for these slots (ascending): a slice when they are consecutive (a view, no copy)."""
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            return slice(slots[0], slots[0] + len(slots))
+        return torch.tensor(slots, device=self.model.device)
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One token for each request, each at its own position: logits (B, V)."""
+        device = self.model.device
+        ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=device)  # (B, 1)
+        positions = [len(s.prompt) + len(s.tokens) - 1 for s in seqs]
+        pos = torch.tensor(positions, device=device)  # (B,) where each row's token goes
+        cache = CacheRows(self.cache, self._rows([s.slot for s in seqs]), max(positions) + 1)
+        return self.model(ids, cache=cache, input_pos=pos, logits_to_keep=1)[:, -1]
+
+    def _prefill(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """Prompt tokens [start, end) of one request into its slot: the last one's logits (1, V)."""
+        device = self.model.device
+        ids = torch.tensor([seq.prompt[start:end]], device=device)  # (1, T)
+        cache = CacheRows(self.cache, slice(seq.slot, seq.slot + 1), end)
+        logits = self.model(ids, cache=cache, input_pos=torch.tensor([start], device=device), logits_to_keep=1)
+        seq.n_cached = end
+        return logits[:, -1]
+
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor):
+        """Every row's next token from its logits (B, V), by its own settings, in one vectorised pass."""
+        slots = [s.slot for s in seqs]
+        rows = torch.tensor(slots, device=logits.device)  # (B,)
+        st = self.settings
+        settings = st.rows(rows)
+        bias = st.logit_bias[rows] if any(st.any_bias[s] for s in slots) else None
+        scores = penalize(logits.float(), st.seen[rows], settings, st.counts[rows], bias)  # (B, V)
+        ids = scores.argmax(dim=-1)  # (B,) the greedy rows' choice
+        if not all(s.request.temperature == 0 for s in seqs):
+            steps = torch.tensor([len(s.tokens) for s in seqs], device=logits.device)  # (B,) each row's draw count
+            sampled = sample_seeded(warp(scores, settings), seeded_uniform(st.seeds[rows], steps))
+            ids = torch.where(st.greedy[rows], ids, sampled)
+        st.seen[rows, ids] = True
+        st.counts[rows, ids] += 1
+        healthy = torch.isfinite(logits.amax(dim=-1))  # (B,) a NaN or inf anywhere in a row shows in its max
+        want = [s.request.logprobs for s in seqs]
+        top = None
+        if any(n is not None for n in want):  # the model's own distribution, before any setting reshaped it
+            logprobs = logits.float().log_softmax(dim=-1)  # (B, V)
+            chosen = logprobs.gather(1, ids[:, None])[:, 0]  # (B,)
+            n = max(n or 0 for n in want)
+            top = (chosen.tolist(), *(t.tolist() for t in logprobs.topk(n, dim=-1))) if n else (chosen.tolist(),)
+        return ids.tolist(), healthy.tolist(), top
+
+    def _emit(self, seqs: list[Sequence], ids: list[int], healthy: list[bool], top) -> None:
+        """Hand each request its token, then apply the stop rules: the one loop over rows, for the text."""
+        for b, (seq, token) in enumerate(zip(seqs, ids)):
+            if not healthy[b]:
+                self.counters["errors"] += 1
+                self._end(seq, STOP_ERROR, error="the model produced NaN or infinite logits")
+                continue
+            r = seq.request
+            seq.tokens.append(token)
+            eos = r.eos_token_ids if r.eos_token_ids is not None else self.eos_token_ids
+            detok, trimmer = self._streams[seq.slot]
+            decode = self.tokenizer.decode if self.tokenizer is not None else None
+            reason = stop_reason(seq.tokens, eos, r.stop, r.max_tokens, r.max_tokens, decode)
+            text = "" if detok is None or reason == "eos" else trimmer.push(detok.push(token))
+            piece = Piece(token, text)
+            if r.logprobs is not None and top is not None:
+                piece.logprob = top[0][b]
+                if r.logprobs:
+                    piece.top_logprobs = list(zip(top[2][b][:r.logprobs], top[1][b][:r.logprobs]))
+            seq.handle._put(piece)
+            self.counters["output_tokens"] += 1
+            if reason is not None:
+                tail = "" if detok is None else trimmer.push(detok.flush()) + trimmer.flush()
+                self.counters["finished"] += 1
+                self._end(seq, reason, tail)
+
+    def _end(self, seq: Sequence, reason: str, tail: str = "", error: str | None = None) -> None:
+        slot = seq.slot
+        self.scheduler.finish(seq)  # frees the slot in this very step
+        self._streams.pop(slot, None)
+        self._seqs.pop(id(seq.handle), None)
+        seq.handle._finish(reason, tail, error)
+
+    def _default_eos(self) -> list[int]:
+        config = getattr(self.model, "generation_config", None)
+        ids = list(config.eos_token_id) if config is not None else []
+        if self.tokenizer is not None:
+            extra = [self.tokenizer.eos_token_id, *(self.tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS)]
+            ids += [i for i in extra if i is not None]
+        return list(dict.fromkeys(ids))
+
+
+def generate_many(model: torch.nn.Module, tokenizer: Any, prompts: Seq[str | list[int]], *, slots: int = 16,
+                  **settings: Any) -> list[Handle]:
+    """Complete many prompts at once through one engine (vLLM's `LLM.generate`): text prompts are encoded
+    with the tokenizer as is (apply a chat template first for a chat model); `settings` are `Request` fields.
+    Returns one finished `Handle` per prompt, in order (`.text`, `.token_ids`, `.finish_reason`, `.usage`)."""
+    requests = [Request(prompt=tokenizer.encode(p) if isinstance(p, str) else list(p), **settings) for p in prompts]
+    needed = max(len(r.prompt) + r.max_tokens for r in requests)
+    engine = Engine(model, tokenizer, slots=min(slots, len(requests)), max_seq_len=needed)
+    return engine.generate(requests)
