@@ -203,8 +203,9 @@ def parse_steer(spec: str) -> tuple[str, Path, float]:
     return name, Path(path or rest).expanduser(), scale
 
 
-def read_vector(path: Path, name: str) -> torch.Tensor:
-    """A steering vector from a safetensors file: its only tensor, or the one stored under `name`."""
+def read_vector(path: Path, name: str, also: Sequence[str] = ()) -> torch.Tensor:
+    """A steering vector from a safetensors file: its only tensor, or the one stored under `name` (or under one
+    of the names in `also`: the activation's other spellings, as a `minillama dump` file names them)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -213,24 +214,52 @@ def read_vector(path: Path, name: str) -> torch.Tensor:
         tensors = load(data)
     except (SafetensorError, ValueError) as e:
         raise MinillamaError(f"{path} is not a readable safetensors file ({one_line(e)})") from None
-    if len(tensors) != 1 and name not in tensors:
+    stored = next((n for n in (name, *also) if n in tensors), None)
+    if len(tensors) != 1 and stored is None:
         raise MinillamaError(f"{path} holds {len(tensors)} tensors and none is named {name!r}; "
                              "save one tensor, or store it under the activation's name")
-    vector = tensors[name] if name in tensors else next(iter(tensors.values()))
+    vector = tensors[stored] if stored is not None else next(iter(tensors.values()))
     if not vector.is_floating_point() or not torch.isfinite(vector).all():
         raise MinillamaError(f"the steering vector in {path} must hold finite floating-point numbers")
     return vector
 
 
 def steering(model: LlamaForCausalLM, specs: list[str] | None):
-    """The `with` block for the CLI's --steer NAME=FILE[:SCALE] flags (no flags: a block that does nothing)."""
+    """The `with` block for the CLI's --steer NAME=FILE[:SCALE] flags (no flags: a block that does nothing).
+
+    Every name and every vector's shape is checked here, before any generation: a vector that does not fit
+    its activation would otherwise fail at the first decode step, in the middle of the streamed reply."""
     edits = {}
     for spec in specs or []:
         name, path, scale = parse_steer(spec)
         if name in edits:
             raise MinillamaError(f"--steer names {name} twice; add the vectors into one file")
-        edits[name] = add(read_vector(path, name), scale)
+        chosen = select(model, [name])  # raises for a name that is no activation
+        spellings = [*chosen, *(t.key for targets in chosen.values() for t in targets)]  # HF name and alias
+        vector = read_vector(path, name, also=spellings if len(chosen) == 1 else ())
+        check_steering_shape(model, name, path, vector)
+        edits[name] = add(vector, scale)
     return intervene(model, edits)
+
+
+def check_steering_shape(model: LlamaForCausalLM, name: str, path: Path, vector: torch.Tensor) -> None:
+    """A steering vector must fit the activation(s) `name` for a forward of any length: it may not have a
+    position axis longer than 1 (a tensor saved by `minillama dump` holds every position of its prompt).
+    The activations' shapes come from one forward of one token."""
+    with torch.inference_mode(), capture(model, [name]) as acts:
+        model(torch.zeros((1, 1), dtype=torch.long, device=model.device))
+    for key, value in acts.items():
+        shape = tuple(value.shape)
+        try:
+            fits = torch.broadcast_shapes(tuple(vector.shape), shape) == shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            per_token = shape[next((i for i, n in enumerate(shape) if n != 1), len(shape) - 1):]
+            raise MinillamaError(
+                f"--steer {name}: the vector in {path} has shape {tuple(vector.shape)}, but {key} is {shape} for "
+                f"one token; give one value per token, shape {per_token} (a tensor saved by minillama dump holds "
+                "every position of its prompt: save one, e.g. t[0, -1], or their mean)")
 
 
 # ---- Activation patching ---------------------------------------------------------------------------

@@ -231,6 +231,36 @@ def test_steer_flag_on_generate(chat_model, tmp_path, capsys):
     assert "expected NAME=FILE.safetensors[:SCALE]" in capsys.readouterr().err
 
 
+def test_steer_checks_the_vector_shape_before_generating(chat_model, tmp_path, capsys):
+    """A tensor from `minillama dump` (every position of its prompt) or a vector of the wrong width is refused in
+    one line before any text streams; it used to fail with torch's message at the first decode step, glued to
+    the streamed reply. The activation's other spelling finds its tensor in a dump file too."""
+    from safetensors.torch import load_file, save_file
+
+    from minillama.cli import main
+
+    dumped = tmp_path / "acts.safetensors"
+    assert main(["dump", str(chat_model), "--prompt", "The cat sat on the mat", "--raw", "--out", str(dumped),
+                 "--names", "*.resid_post"]) == 0
+    capsys.readouterr()
+    captured_shape = str(tuple(load_file(dumped)["model.layers.0.resid_post"].shape))  # (1, T, 32)
+    wide = tmp_path / "wide.safetensors"
+    save_file({"v": torch.ones(33)}, wide)
+    base = ["generate", str(chat_model), "--raw", "--prompt", "Hello", "--greedy", "-n", "6"]
+    for spec, shape in [(f"model.layers.0.resid_post={dumped}", captured_shape),
+                        (f"blocks.0.hook_resid_post={dumped}", captured_shape),
+                        (f"model.layers.0.resid_post={wide}", "(33,)")]:
+        assert main(base + ["--steer", spec]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""  # nothing streamed before the error
+        err = captured.err.strip()
+        assert "\n" not in err and err.startswith("minillama: error: --steer ")
+        assert f"has shape {shape}" in err and "shape (32,)" in err, err
+    one = tmp_path / "one.safetensors"
+    save_file({"model.layers.0.resid_post": load_file(dumped)["model.layers.0.resid_post"][0, -1]}, one)
+    assert main(base + ["--steer", f"blocks.0.hook_resid_post={one}:0"]) == 0
+
+
 def test_patch_cli_json_plot_and_errors(chat_model, tmp_path, capsys):
     import json
 
