@@ -85,3 +85,20 @@ def test_model_without_a_chat_template(chat_model, tmp_path):
     assert_one_line_error(run_cli("generate", str(base), "--prompt", "hi"), "pass --raw")
     r = run_cli("generate", str(base), "--prompt", "hi", "--raw", "-n", "3")
     assert r.returncode == 0, r.stderr
+
+
+def test_offline_without_the_default_model_suggests_no_other_name(tmp_path, monkeypatch, capsys):
+    """`--offline` with an empty cache and the default model not installed: the error says what to do, with no
+    "did you mean smollm2-135m-instruct?" for the very name the user asked for (or never typed). A near miss
+    still gets its suggestion."""
+    from minillama import hub
+    from minillama.cli import main
+
+    monkeypatch.setenv("MINILLAMA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub, "_installed_gguf", lambda exact_version: None)
+    for model in ([], [hub.DEFAULT_MODEL]):
+        assert main(["generate", *model, "--offline", "--prompt", "hi"]) == 2
+        err = capsys.readouterr().err
+        assert "offline mode is on" in err and "did you mean" not in err, err
+    assert main(["generate", "smollm2-135m-instuct", "--offline", "--prompt", "hi"]) == 2
+    assert f"did you mean {hub.DEFAULT_MODEL}?" in capsys.readouterr().err

@@ -133,7 +133,8 @@ def near_miss(name: str) -> str | None:
         candidates.update({p.name.lower(): str(Path(name).parent / p.name) if typed_parent else p.name
                            for p in siblings})
     match = difflib.get_close_matches(path.name.lower(), list(candidates), n=1, cutoff=0.8)
-    return candidates[match[0]] if match else None
+    guess = candidates[match[0]] if match else None
+    return None if guess == name else guess  # the name asked for (the default's, unavailable offline) is no typo
 
 
 def prompt_input_ids(path: Path, prompt: str, raw: bool, vocab_size: int) -> tuple[str, torch.Tensor]:
