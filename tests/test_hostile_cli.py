@@ -142,6 +142,26 @@ def test_generate_stdin_not_utf8(chat_model):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+
+def test_piped_prompt_is_the_same_prompt_as_the_flag(chat_model):
+    """`echo X | minillama generate` and `--prompt X` give the model the same tokens (`echo`'s newline is
+    dropped, as ollama does): the same prompt length in the stats line and the same text for the same seed.
+    --raw, since the Llama 3 template trims messages itself (SmolLM2's ChatML template does not)."""
+    import re
+
+    def prompt_tokens(r) -> int:
+        assert r.returncode == 0, r.stderr[-2000:]
+        return int(re.search(r"\[prompt: (\d+) tokens", r.stderr).group(1))
+
+    args = ("generate", str(chat_model), "--raw", "-n", "4", "--seed", "3")
+    flag = run(*args, "-p", "Why is the sky blue?", timeout=MAX_SECONDS)
+    for piped in (b"Why is the sky blue?\n", b"Why is the sky blue?\r\n"):
+        pipe = run(*args, stdin=piped, timeout=MAX_SECONDS)
+        assert prompt_tokens(pipe) == prompt_tokens(flag) and pipe.stdout == flag.stdout
+    two = run(*args, stdin=b"Why is the sky blue?\n\n", timeout=MAX_SECONDS)  # only one newline goes
+    flag = run(*args, "-p", "Why is the sky blue?\n", timeout=MAX_SECONDS)
+    assert prompt_tokens(two) == prompt_tokens(flag) and two.stdout == flag.stdout
+
 # ---- 8. Output paths -------------------------------------------------------------------------------------
 
 def test_output_paths_that_cannot_be_written(chat_model, tiny_gguf, tmp_path):

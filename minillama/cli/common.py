@@ -90,7 +90,8 @@ def read_prompt(args: argparse.Namespace) -> str:
     """--prompt, else stdin when it is piped ("-" reads stdin too); an empty prompt is an error."""
     prompt = args.prompt
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        prompt = read_stdin_prompt()
+        # `echo X |` ends the text with a newline that `--prompt X` lacks: drop one, as ollama does
+        prompt = read_stdin_prompt().removesuffix("\n").removesuffix("\r")
     if prompt is None:
         raise MinillamaError("no prompt: pass --prompt TEXT or pipe the text on stdin")
     if not prompt.strip():
