@@ -28,7 +28,8 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +72,7 @@ class Piece:
     """One generated token: its id, the text it completes (often "" mid-character or while a stop string may
     be starting), and, when asked, its log-probability and the top alternatives [(id, logprob), ...]."""
 
-    token_id: int
+    token_id: int | None  # None: a last piece with text held back until the end (a stop string that was not)
     text: str
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
@@ -79,10 +80,14 @@ class Piece:
 
 class Handle:
     """What `Engine.submit` returns: iterate it for `Piece`s as they are chosen (from any thread); after the
-    last one, `finish_reason` ("eos", "stop_string", "length", "cancelled", "error"), `usage`, `text`."""
+    last one, `finish_reason` ("eos", "stop_string", "length", "cancelled", "error"), `usage`, `text`.
 
-    def __init__(self, request: Request, seed: int):
-        self.request, self.seed = request, seed
+    listener: called in the engine's thread with each Piece, then None at the end (an asyncio server passes
+              one that hands them to its event loop with `call_soon_threadsafe`).
+    """
+
+    def __init__(self, request: Request, seed: int, listener: Callable[[Piece | None], None] | None = None):
+        self.request, self.seed, self.listener = request, seed, listener
         self.pieces: list[Piece] = []
         self.text = ""
         self.finish_reason: str | None = None
@@ -117,15 +122,20 @@ class Handle:
         self.pieces.append(piece)
         self.text += piece.text
         self.usage["completion_tokens"] = len(self.pieces)
-        self._events.put(piece)
+        self._send(piece)
 
     def _finish(self, reason: str, tail: str = "", error: str | None = None) -> None:
         if tail:  # text held back until the end (a possible stop string that was not): one last piece
             self.text += tail
-            self._events.put(Piece(-1, tail))
+            self._send(Piece(None, tail))
         self.finish_reason, self.error, self.finished_at = reason, error, time.perf_counter()
-        self._events.put(None)
         self._done.set()
+        self._send(None)
+
+    def _send(self, piece: Piece | None) -> None:
+        self._events.put(piece)
+        if self.listener is not None:
+            self.listener(piece)
 
 
 class EngineFull(MinillamaError):
@@ -247,15 +257,16 @@ class Engine:
         if r.stop and self.tokenizer is None:
             raise MinillamaError("stop strings need the engine's tokenizer; pass tokenizer= to Engine")
 
-    def submit(self, request: Request) -> Handle:
+    def submit(self, request: Request, listener: Callable[[Piece | None], None] | None = None) -> Handle:
         """Queue a request; returns its handle at once. Raises `MinillamaError` for a request that cannot
-        run (checked before it is queued) and `EngineFull` when the waiting queue is full."""
+        run (checked before it is queued) and `EngineFull` when the waiting queue is full. `listener`: see
+        `Handle`."""
         try:
             self.check(request)
         except MinillamaError:
             self.counters["refused"] += 1
             raise
-        handle = Handle(request, secrets.randbits(64) if request.seed is None else request.seed)
+        handle = Handle(request, secrets.randbits(64) if request.seed is None else request.seed, listener)
         with self._wake:
             if self.max_waiting is not None and self.waiting >= self.max_waiting:
                 self.counters["refused"] += 1

@@ -122,6 +122,22 @@ class StreamDecoder:
         return text[len(prefix_text):]
 
 
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: each byte is written as one printable character (a space as 'Ġ')."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_level_table()
+
+
 class Tokenizer:
     """A Hugging Face fast tokenizer (`tokenizer.json`) with its special tokens and chat template.
 
@@ -212,6 +228,18 @@ class Tokenizer:
         """The text one token decodes to on its own, for tables. A token holding part of a
         multi-byte character decodes to U+FFFD."""
         return self.decode([id])
+
+    def token_bytes(self, id: int) -> bytes:
+        """The bytes one token stands for (OpenAI's log-prob `bytes`): exact even for a token that holds part of
+        a multi-byte character, where `piece_text` shows U+FFFD."""
+        piece = self.id_to_piece(id)
+        if id in self.special_ids:
+            return piece.encode()
+        if type(self.backend.decoder).__name__ == "ByteLevel" and all(c in _BYTE_OF_CHAR for c in piece):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)  # GPT-2's byte-to-character table, reversed
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece's byte fallback
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()  # SentencePiece writes a space as U+2581
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
         """A `StreamDecoder` for printing generated tokens as they come."""

@@ -17,7 +17,7 @@ import sys
 from minillama.errors import MinillamaError
 
 # Subcommand modules, in the order `minillama --help` lists them.
-SUBCOMMANDS = ["chat", "generate", "convert", "inspect", "dump", "diff", "lens", "patch", "bench"]
+SUBCOMMANDS = ["chat", "generate", "serve", "convert", "inspect", "dump", "diff", "lens", "patch", "bench"]
 
 
 def version() -> str:
