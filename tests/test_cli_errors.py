@@ -102,3 +102,18 @@ def test_offline_without_the_default_model_suggests_no_other_name(tmp_path, monk
         assert "offline mode is on" in err and "did you mean" not in err, err
     assert main(["generate", "smollm2-135m-instuct", "--offline", "--prompt", "hi"]) == 2
     assert f"did you mean {hub.DEFAULT_MODEL}?" in capsys.readouterr().err
+
+
+def test_max_new_tokens_past_the_context_is_capped_with_a_note(chat_model, tmp_path):
+    """`-n 10000000` used to be an error naming max_new_tokens after the model had loaded; now the reply runs
+    until the context is full, with one line saying so (as llama-cli and ollama do)."""
+    small = tmp_path / "small"
+    shutil.copytree(chat_model, small)
+    config = json.loads((small / "config.json").read_text())
+    config["max_position_embeddings"] = 64
+    (small / "config.json").write_text(json.dumps(config))
+    r = run_cli("generate", str(small), "--raw", "--prompt", "hello", "-n", "10000000", "--greedy")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    note, stats = [line for line in r.stderr.splitlines() if line.strip()]
+    assert note.startswith("minillama: max-new-tokens 10000000 (from flags) is more than the") and "64-token" in note
+    assert "context: 64/64" in stats and "stopped: context full" in stats

@@ -41,6 +41,18 @@ def prompt_ids(loaded, prompt: str, args: argparse.Namespace) -> list[int]:
     return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
 
 
+def note_context_limit(loaded, prompt_tokens: int, max_new_tokens: int) -> None:
+    """One line when the reply's length limit reaches past the context: the reply stops where the context ends."""
+    from minillama.chat import SOURCE_TEXT
+
+    context = loaded.model.config.max_position_embeddings
+    room = context - prompt_tokens
+    if room > 0 and max_new_tokens > room:
+        source = SOURCE_TEXT[loaded.sampling_sources.get("max_new_tokens", "default")]
+        eprint(f"minillama: max-new-tokens {max_new_tokens} ({source}) is more than the {room} tokens left in the "
+               f"{context}-token context after the prompt; the reply stops when the context is full")
+
+
 def run(args: argparse.Namespace) -> int:
     from minillama.chat import STOP_INTERRUPTED, TurnStats
     from minillama.generation import generate
@@ -54,10 +66,12 @@ def run(args: argparse.Namespace) -> int:
     ids = prompt_ids(loaded, prompt, args)
     tok = loaded.tokenizer
     config = loaded.generation_config if use_raw(args) else loaded.generation_config.ending_turns(tok)
+    note_context_limit(loaded, len(ids), config.max_new_tokens)
     if loaded.engine == "compiled":
         eprint("minillama: compiling the decode step (it can take a minute; --no-compile skips it)...")
+    # A length past the context is capped at it, as llama-cli and ollama do (a prompt that does not fit is an error)
     generation = generate(loaded.model, ids, config, generator=make_generator(loaded.model.device, args.seed),
-                          tokenizer=tok, stop_strings=args.stop, engine=loaded.engine)
+                          tokenizer=tok, stop_strings=args.stop, engine=loaded.engine, stop_at_context=True)
     stream, trimmer = tok.stream_decoder(skip_special_tokens=True), StopTrimmer(args.stop)
     start = time.perf_counter()
     first = None
