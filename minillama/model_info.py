@@ -1,4 +1,4 @@
-"""A tour of a model directory: files, config, generation defaults, special tokens, modules, parameters.
+"""A tour of a model directory: files, config, quantization, sampling defaults, special tokens, modules, parameters.
 
 `inspect_model(model_dir)` gathers everything into one JSON-ready dict; `format_report` turns it
 into the text `minillama inspect` prints (the module is not called `inspect`, which would shadow the
@@ -95,8 +95,40 @@ def config_summary(config: LlamaConfig) -> dict[str, Any]:
     }
 
 
+def chat_sampling(model_dir: Path) -> dict[str, Any]:
+    """The sampling settings `minillama chat` and `minillama generate` start from, and where each came from:
+    the model's generation_config.json, else the chat defaults (`chat.CHAT_SAMPLING`), else the defaults."""
+    from minillama.chat import SHOWN, SOURCE_TEXT, chat_generation_config
+
+    config, sources = chat_generation_config(model_dir)
+    return {key: {"value": getattr(config, key), "from": SOURCE_TEXT[sources[key]]} for key in ("do_sample", *SHOWN)}
+
+
+def quantization(model_dir: Path, model: LlamaForCausalLM) -> dict[str, Any] | None:
+    """config.json's quantization_config and the formats the tensors hold ({format: modules}), as the loader
+    reads them; None for float weights. A method minillama does not read is reported, not refused."""
+    from minillama import quant
+
+    qc = read_json_object(model_dir / "config.json").get("quantization_config")
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method != quant.QUANT_METHOD:
+        return {"method": method, "readable": False, "formats": {}}
+    header: dict[str, dict] = {}
+    for file in weight_files(model_dir):
+        header.update(check_safetensors_header(file))
+    modules = dict(model.named_modules())
+    formats: Counter[str] = Counter()
+    for name, (kind, group) in quant.stored_formats(model, header).items():
+        per_row = group == modules[name].weight.shape[1]
+        formats[kind if per_row else f"{kind}-g{group}"] += 1
+    return {"method": method, "readable": True, "formats": dict(formats.most_common())}
+
+
 def generation_defaults(model_dir: Path) -> dict[str, Any]:
-    """The settings `minillama generate` starts from, and whether generation_config.json set each."""
+    """The settings the Python API (`minillama.generate`, `pipeline`) starts from: transformers' defaults under
+    the model's generation_config.json; and whether that file set each."""
     from minillama.generation import GenerationConfig
 
     path = model_dir / "generation_config.json"
@@ -219,6 +251,8 @@ def inspect_model(model_dir: str | Path, prompt: str | None = None, raw: bool = 
         "model_dir": str(model_dir),
         "files": describe_files(model_dir),
         "config": config_summary(config),
+        "quantization": quantization(model_dir, model),
+        "chat_sampling": chat_sampling(model_dir),
         "generation": generation_defaults(model_dir),
         "special_tokens": special_tokens(model_dir),
         "module_tree": str(model),
@@ -263,6 +297,13 @@ def _table(rows: list[list[Any]], header: list[str], right: set[int] = frozenset
     return [line(cells[0]), line(["-" * w for w in widths]), *(line(r) for r in cells[1:])]
 
 
+def format_in_words(fmt: str) -> str:
+    """'int4-g32' -> 'int4 (4-bit integers, a scale and offset per 32 weights)'; 'int8' -> '... a scale per row'."""
+    kind, _, group = fmt.partition("-g")
+    scale = "a scale and offset" if kind == "int4" else "a scale"
+    return f"{kind} ({kind[3:]}-bit integers, {scale} per {group + ' weights' if group else 'row'})"
+
+
 def format_report(report: dict[str, Any]) -> str:
     out = [f"# {report['model_dir']}", "", "## Files"]
     out += _table([[f["name"], human_bytes(f["bytes"]), f["purpose"]] for f in report["files"]],
@@ -277,7 +318,18 @@ def format_report(report: dict[str, Any]) -> str:
             f"rope theta {c['rope_theta']:g}, type {rope}",
             f"tied embeddings {c['tie_word_embeddings']}, dtype {c['dtype']}"]
 
-    out += ["", "## Generation defaults"]
+    q = report["quantization"]
+    if q is not None:
+        out += ["", "## Quantization"]
+        if q["readable"]:
+            out.append(f"weights stored quantized (quantization_config: {q['method']}): " + ", ".join(
+                f"{format_in_words(fmt)} in {n} module{'s' * (n != 1)}" for fmt, n in q["formats"].items()))
+        else:
+            out.append(f"quantization_config says {q['method']!r}, which minillama does not read; use a float copy")
+
+    out += ["", "## Sampling of minillama chat and minillama generate"]
+    out += [f"{k} = {json.dumps(v['value'])}  ({v['from']})" for k, v in report["chat_sampling"].items()]
+    out += ["", "## Generation defaults of the Python API (minillama.generate, pipeline: transformers' defaults)"]
     out += [f"{k} = {json.dumps(v['value'])}" + ("" if v["from"] == "default" else f"  ({v['from']})")
             for k, v in report["generation"].items()]
 

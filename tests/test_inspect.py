@@ -127,3 +127,28 @@ def test_smollm2(smollm2_dir):
     assert "<|im_start|>user\nWhat is 2+2?<|im_end|>" in report["prompt"]["text"] == text
     assert [t["id"] for t in report["prompt"]["tokens"]] == tokenizer.encode(text, add_special_tokens=False)
     assert report["stored"] and sum(e["elements"] for e in report["stored"].values()) == 134_515_008
+
+
+def test_inspect_shows_both_sets_of_defaults_and_the_quantization(tiny_llama2, tmp_path, capsys):
+    """The chat/generate CLI's sampling (the chat defaults under the model file) beside the Python API's
+    (transformers'), each labelled, and the stored quantization formats in words; a float model has none."""
+    from minillama import quant
+    from minillama.chat import CHAT_SAMPLING
+    from minillama.checkpoint import load_model
+
+    float_report = inspect_model(tiny_llama2)
+    assert float_report["quantization"] is None
+    cli, api = float_report["chat_sampling"], float_report["generation"]
+    assert cli["temperature"]["value"] == CHAT_SAMPLING["temperature"] and api["temperature"]["value"] == 1.0
+    assert cli["top_k"]["value"] == CHAT_SAMPLING["top_k"] and cli["top_k"]["from"].startswith("chat default")
+    assert api["do_sample"]["value"] is False and cli["do_sample"]["value"] is True
+
+    out = quant.save_quantized(load_model(tiny_llama2, "cpu", quantize="int4", group_size=32), tiny_llama2,
+                               tmp_path / "q")
+    report = inspect_model(out)
+    assert report["quantization"]["readable"] and report["quantization"]["formats"]["int4-g32"] == 14  # 2 x 7
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "## Quantization" in text and "int4 (4-bit integers, a scale and offset per 32 weights) in 14" in text
+    assert "## Sampling of minillama chat and minillama generate" in text
+    assert "## Generation defaults of the Python API" in text
