@@ -150,8 +150,9 @@ def engine_requests(r: ChatRequest | CompletionRequest, prompt: list[int], conte
                     top_p=1.0 if r.top_p is None else r.top_p, top_k=max(r.top_k or 0, 0),
                     min_p=r.min_p or 0.0, repetition_penalty=r.repetition_penalty or 1.0,
                     presence_penalty=r.presence_penalty or 0.0, frequency_penalty=r.frequency_penalty or 0.0)
-    # n choices of one seeded request: seed, seed + 1, ... (each choice its own stream of draws)
-    seeds = [None if r.seed is None else (r.seed + i) % 2**64 for i in range(r.n)]
+    # n choices of one seeded request: the seed itself (so n=1 and the first of n agree), then seeds spread by
+    # the golden ratio's 64 bits, so no choice repeats another request's seed + 1.
+    seeds = [None if r.seed is None else (r.seed + i * 0x9E3779B97F4A7C15) % 2**64 for i in range(r.n)]
     return [Request(prompt=list(prompt), max_tokens=max_tokens or room, logit_bias=bias, stop=stop, seed=seed,
                     logprobs=logprobs, **settings) for seed in seeds]
 
