@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 # Runs the block, then reports each reply's stop reason and token count on stderr (stdout is the block's own).
@@ -38,10 +40,15 @@ print(json.dumps([[g.stop_reason, len(g.tokens[0])] for g in made]), file=sys.st
 '''
 
 
-def readme_python_block() -> str:
-    blocks = re.findall(r"^```python\n(.*?)^```", README.read_text(), re.M | re.S)
-    assert len(blocks) == 1, "the README should hold one Python example"
+def readme_block(lang: str, needle: str) -> str:
+    """The README's one ```lang block that contains `needle`."""
+    blocks = [b for b in re.findall(rf"^```{lang}\n(.*?)^```", README.read_text(), re.M | re.S) if needle in b]
+    assert len(blocks) == 1, f"the README should hold one {lang} block with {needle!r}"
     return blocks[0]
+
+
+def readme_python_block() -> str:
+    return readme_block("python", "import minillama")
 
 
 def test_readme_python_example_stops_at_the_end_of_the_turn(smollm2_dir, tmp_path):
@@ -58,3 +65,23 @@ def test_readme_python_example_stops_at_the_end_of_the_turn(smollm2_dir, tmp_pat
     assert re.fullmatch(r"torch\.Size\(\[1, \d+, 576\]\)", lines[-1])
     pipeline_reply = "\n".join(lines[1:-1])
     assert pipeline_reply.strip() and second_tokens > 0
+
+
+@pytest.mark.slow
+def test_readme_serving_examples(smollm2_cache, smollm2_q4_dir, tmp_path):
+    """`minillama serve` with no MODEL (the default model on its Q4_1 weights, on the CPU), then the README's
+    curl and openai examples unchanged but for the port."""
+    from serving import start_server
+
+    env = {"MINILLAMA_CACHE": str(smollm2_cache), "HF_HUB_OFFLINE": "1"}
+    with start_server("smollm2-135m-instruct", tmp_path=tmp_path, env=env) as server:
+        port = server.url.rsplit(":", 1)[1]
+        curl = readme_block("bash", "curl").replace("8000", port)
+        out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120)
+        reply = json.loads(out.stdout)
+        assert reply["choices"][0]["message"]["content"].strip() and reply["usage"]["completion_tokens"] > 0
+        python = readme_block("python", "from openai").replace("8000", port)
+        out = subprocess.run([sys.executable, "-c", python], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert len(out.stdout.split()) > 5
+        assert "Q4_1" in server.log() or "int4" in server.log()  # the default weights: the file's own 4-bit blocks
