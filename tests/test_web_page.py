@@ -170,6 +170,15 @@ def test_chat_page_streams_a_reply_and_shows_its_tokens(chat_model, browser, tmp
         browser.find_element(*by_testid("new-chat")).click()
         assert browser.find_elements(*by_testid("reply")) == []
 
+        # A refused request shows the server's error message, and the text goes back in the box to retry.
+        temperature = browser.find_element(*by_testid("temperature"))
+        temperature.clear()
+        temperature.send_keys("5")
+        send_message(browser, "Too hot")
+        wait_for(browser, lambda d: "temperature" in d.find_element(*by_testid("error")).text)
+        assert browser.find_element(*by_testid("user-input")).get_attribute("value") == "Too hot"
+        assert browser.find_elements(*by_testid("reply")) == []
+
 
 def test_chat_page_asks_for_the_api_key_once(chat_model, browser, tmp_path):
     with start_server(chat_model, "--api-key", "secret", tmp_path=tmp_path) as server:

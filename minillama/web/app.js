@@ -199,7 +199,7 @@ async function showPrompt(reply, messages, signal) {
 
 function tokenCount(count) {
   const p = document.createElement("p");
-  p.textContent = `${count} tokens`;
+  p.textContent = `${count} tokens (· is a space, ↵ a newline)`;
   return p;
 }
 
@@ -209,7 +209,7 @@ function promptToken(id, piece) {
   chip.dataset.testid = "prompt-token";
   const text = document.createElement("span");
   text.className = "piece";
-  text.textContent = visible(piece, false);
+  text.textContent = visible(piece, true);
   const number = document.createElement("span");
   number.className = "id";
   number.textContent = id;
@@ -217,10 +217,12 @@ function promptToken(id, piece) {
   return chip;
 }
 
-// Whitespace is part of a token; make it visible. In the reply's token view a newline keeps its line break, so
-// the text still reads as text; a prompt token's chip stays one line.
-function visible(text, keepBreaks = true) {
-  return text.replace(/\n/g, keepBreaks ? "↵\n" : "↵").replace(/\t/g, "→");
+// Whitespace is part of a token; make it visible. In the reply's token view a newline keeps its line break and a
+// space stays a space (the token's border shows it), so the text still reads as text; a prompt token's chip is
+// one line, with a space shown as "·" (" Hello" and "Hello" are different tokens).
+function visible(text, inChip = false) {
+  const shown = text.replace(/\t/g, "→");
+  return inChip ? shown.replace(/\n/g, "↵").replace(/ /g, "·") : shown.replace(/\n/g, "↵\n");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
