@@ -23,11 +23,13 @@ the patched keys and values into the KV cache, so the decode steps after it see 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from minillama.capture import LAYER_NAMES, _from_transformerlens, _to_transformerlens, capture, select, tap
 from minillama.errors import MinillamaError
@@ -284,7 +286,7 @@ def logit_difference(correct: int, wrong: int) -> Metric:
 
 def patching(model: LlamaForCausalLM, clean_ids, corrupted_ids, names: Sequence[str] = ("resid_pre",),
              metric: Metric | None = None, *, answers: tuple[int, int] | None = None,
-             layers: Sequence[int] | None = None, batch_size: int = 16) -> PatchingResult:
+             layers: Sequence[int] | None = None, batch_size: int = 16, progress: bool = False) -> PatchingResult:
     """Activation patching: where does the model carry what makes the clean answer?
 
     Runs the clean prompt once and records `names` (per-layer names of minillama.capture, HF-style such as
@@ -292,7 +294,8 @@ def patching(model: LlamaForCausalLM, clean_ids, corrupted_ids, names: Sequence[
     corrupted prompt (the same number of tokens) once per (name, layer, position) with that one activation
     taken from the clean run, and scores each run with `metric` (default, given answers=(clean answer id,
     corrupted answer id): `logit_difference`). `layers` limits the layers patched (default: all of them).
-    Runs for one layer go `batch_size` positions per forward.
+    Runs for one layer go `batch_size` positions per forward. `progress`: a bar on stderr (at a terminal),
+    one step per (name, layer).
     """
     clean_ids, corrupted_ids = _prompt_pair(model, clean_ids, corrupted_ids)
     if metric is None:
@@ -310,8 +313,11 @@ def patching(model: LlamaForCausalLM, clean_ids, corrupted_ids, names: Sequence[
             clean = float(metric(model(clean_ids)[0, -1].float()))
             clean_acts = dict(acts)
             corrupted = float(metric(model(corrupted_ids)[0, -1].float()))
+        bar = tqdm(total=len(names) * len(layers), desc="patching", unit="layer", file=sys.stderr,
+                   disable=None if progress else True)  # None: shown at a terminal only
         for n, row in enumerate(keys):
             for i, key in enumerate(row):
+                bar.update()
                 hf_name, alias = _resolve(model, key)
                 lay = layout(model, hf_name, alias)
                 for start in range(0, T, batch_size):
@@ -321,6 +327,7 @@ def patching(model: LlamaForCausalLM, clean_ids, corrupted_ids, names: Sequence[
                         logits = model(corrupted_ids.expand(len(positions), T), logits_to_keep=1)[:, -1].float()
                     scores[n, i, positions] = torch.stack([torch.as_tensor(metric(one)).float().cpu()
                                                            for one in logits])
+    bar.close()
     return PatchingResult(list(names), layers, scores, clean, corrupted)
 
 
@@ -378,8 +385,9 @@ def require_matplotlib() -> None:
         raise MinillamaError("--plot needs matplotlib: pip install 'minillama[plot]'") from None
 
 
-def plot_patching(result: PatchingResult, labels: list[str], path: Path, title: str = "activation patching") -> None:
-    """One heatmap per name: layers down, positions across (`labels`: one per position), colour = metric."""
+def plot_patching(result: PatchingResult, labels: list[str], path: Path, title: str = "activation patching") -> Path:
+    """One heatmap per name: layers down, positions across (`labels`: one per position), colour = metric.
+    Returns the file written."""
     require_matplotlib()
     import matplotlib
 
@@ -402,3 +410,4 @@ def plot_patching(result: PatchingResult, labels: list[str], path: Path, title: 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return Path(path)

@@ -161,3 +161,12 @@ def test_stop_trimmer_holds_back_only_a_possible_start():
     open_end = StopTrimmer(["STOP"])
     assert open_end.push("a ST") == "a " and open_end.flush() == "ST"  # never completed: printed at the end
     assert StopTrimmer(None).push("x") == "x"
+
+
+def test_help_is_written_for_users():
+    """`--help` of every subcommand says what the command does and how to use it: no notes about the code's own
+    classes and files (chat's help explained the length of its `Repl` class, patch's said "this file parses")."""
+    for name, parser in next(a for a in build_parser()._actions if a.dest == "command").choices.items():
+        text = parser.format_help()
+        for developer_words in ("`Repl`", "-line class", "this file", "parses, prints", "Parses flags"):
+            assert developer_words not in text, (name, developer_words)

@@ -269,7 +269,9 @@ def test_patch_cli_json_plot_and_errors(chat_model, tmp_path, capsys):
     plot = tmp_path / "grid.png"
     args = ["patch", str(chat_model), "--clean", "The cat sat", "--corrupted", "The dog sat", "--answers", " on", " in"]
     assert main(args + ["--json", "--plot", str(plot), "--names", "resid_pre", "hook_mlp_out"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"minillama: wrote the plot to {plot}"  # every written file gets a line
+    out = json.loads(captured.out)
     T = len(out["clean_tokens"])
     assert out["layers"] == [0, 1] and set(out["grid"]) == {"resid_pre", "hook_mlp_out"}
     assert [len(row) for row in out["grid"]["resid_pre"]] == [T, T]
@@ -285,6 +287,24 @@ def test_patch_cli_json_plot_and_errors(chat_model, tmp_path, capsys):
         mp.setitem(sys.modules, "matplotlib", None)
         assert main(["patch", str(tmp_path / "absent")] + args[2:] + ["--plot", str(plot)]) == 2
     assert "pip install 'minillama[plot]'" in capsys.readouterr().err
+
+
+def test_patching_shows_progress_at_a_terminal(model, monkeypatch):
+    """`minillama patch` runs for minutes on a real model: a bar, one step per (name, layer), at a terminal."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    minillama.patching(model, CLEAN, CORRUPTED, ["resid_pre", "mlp.down_proj"], answers=(1, 2), progress=True)
+    assert "patching" in err.getvalue() and "4/4" in err.getvalue()
+    quiet = Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    minillama.patching(model, CLEAN, CORRUPTED, answers=(1, 2))  # the Python API is quiet unless asked
+    assert quiet.getvalue() == ""
 
 
 @pytest.mark.slow

@@ -5,10 +5,6 @@ block of lines sent as one message (bracketed paste), Ctrl-C to stop a reply (tw
 Ctrl-D, exits) and a stats line after each reply saying why it ended. With stdin not a terminal (a pipe, a
 file) each input line is one message and only the replies are printed on stdout, for scripting; stats
 and notices go to stderr.
-
-`Repl` is longer than minillama's usual ~150-line class: reading input, the in-chat commands and the reply
-share one piece of terminal state (when Ctrl-C last stopped a reply, paste mode), which is clearer kept in
-one place than passed between several objects.
 """
 
 from __future__ import annotations
@@ -171,6 +167,9 @@ class ReplyInterrupts:
             signal.signal(signal.SIGINT, self.previous)
 
 
+# `Repl` is longer than minillama's usual ~150-line class: reading input, the in-chat commands and the reply
+# share one piece of terminal state (when Ctrl-C last stopped a reply, paste mode), which is clearer kept in
+# one place than passed between several objects. (Not in the module docstring: that is `chat --help`.)
 class Repl:
     def __init__(self, session, interactive: bool, stats: bool, model_name: str, drop_oldest: bool = False):
         self.session, self.interactive, self.stats, self.model_name = session, interactive, stats, model_name

@@ -3,8 +3,9 @@
 Runs the clean prompt, then the corrupted one once per (layer, position) with that one activation taken
 from the clean run, and prints the logit difference logit(A) - logit(B) at the last position of each run:
 the cells where it moves from the corrupted value towards the clean one carry what makes answer A.
-The computing is minillama.intervene.patching; this file parses, prints and plots.
 """
+
+# The computing is minillama.intervene.patching; this file parses, prints and plots. (The docstring is --help.)
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from minillama.cli.common import add_model_args, resolve_model_arg
+from minillama.cli.common import add_model_args, eprint, resolve_model_arg
 from minillama.errors import MinillamaError
 from minillama.model_info import visible
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     clean, corrupted = (tokenizer.encode(text, add_special_tokens=True) for text in (args.clean, args.corrupted))
     answers = [answer_id(tokenizer, answer) for answer in args.answers]
     model = load_model(path, device=args.device, dtype=args.dtype)
-    result = patching(model, clean, corrupted, args.names, answers=tuple(answers))
+    result = patching(model, clean, corrupted, args.names, answers=tuple(answers), progress=True)
     labels = [position_label(tokenizer.piece_text(a), tokenizer.piece_text(b)) for a, b in zip(clean, corrupted)]
     if args.json:
         print(json.dumps({"clean_tokens": [tokenizer.piece_text(i) for i in clean],
@@ -56,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_grid(result, labels, args.answers))
     if args.plot:
-        plot_patching(result, labels, args.plot, title=f"logit({args.answers[0]!r}) - logit({args.answers[1]!r})")
+        written = plot_patching(result, labels, args.plot,
+                                title=f"logit({args.answers[0]!r}) - logit({args.answers[1]!r})")
+        eprint(f"minillama: wrote the plot to {written}")
     return 0
 
 
