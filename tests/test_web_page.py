@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists
                                 reason="no Chromium: apt-get install chromium chromium-driver (.ci/run does)")
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
@@ -87,7 +88,7 @@ def wait_for_reply(driver, count: int):
 
     try:
         return wait_for(driver, finished)
-    except Exception as timeout:
+    except TimeoutException as timeout:
         error = driver.find_element(*by_testid("error")).text
         raise AssertionError(f"no finished reply {count}; the page's error box says: {error!r}") from timeout
 
@@ -139,7 +140,8 @@ def test_chat_page_streams_a_reply_and_shows_its_tokens(chat_model, browser, tmp
         assert all(re.search(r"\d%$", alt.text) for alt in alternatives), tooltip.text
 
         # The prompt as the template rendered it, and its token ids: the context line is prompt + reply tokens.
-        prompt = open_toggle(reply, "toggle-prompt").find_element(*by_testid("prompt-text")).get_attribute("textContent")
+        prompt_view = open_toggle(reply, "toggle-prompt").find_element(*by_testid("prompt-text"))
+        prompt = prompt_view.get_attribute("textContent")
         assert "<|start_header_id|>user<|end_header_id|>" in prompt and "Hello there" in prompt
         assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
         prompt_tokens = open_toggle(reply, "toggle-prompt-tokens").find_elements(*by_testid("prompt-token"))
@@ -159,12 +161,13 @@ def test_chat_page_streams_a_reply_and_shows_its_tokens(chat_model, browser, tmp
             ActionChains(browser).move_to_element(tokens[len(tokens) // 2]).perform()
             browser.save_screenshot(os.environ["MINILLAMA_SCREENSHOT"])
 
-        # The history goes back with the next turn: the second prompt holds the first reply.
+        # The history goes back with the next turn: the second prompt holds the first reply (which Llama 3's
+        # template trims of leading and trailing whitespace).
         first_reply = reply.find_element(*by_testid("reply-content")).get_attribute("textContent")
         send_message(browser, "And again")
         second = wait_for_reply(browser, 2)
         second_prompt = open_toggle(second, "toggle-prompt").find_element(*by_testid("prompt-text"))
-        assert first_reply in second_prompt.get_attribute("textContent")
+        assert first_reply.strip() in second_prompt.get_attribute("textContent")
 
         # New chat empties the conversation.
         browser.find_element(*by_testid("new-chat")).click()
@@ -201,6 +204,20 @@ def test_chat_page_asks_for_the_api_key_once(chat_model, browser, tmp_path):
         reply = wait_for_reply(browser, 1)
         assert reply.find_element(*by_testid("reply-content")).get_attribute("textContent")
         assert not key_form.is_displayed()
-        # Kept for this tab's session only.
+        # Kept for this tab's session only, and never shown: the wire view masks it.
         assert browser.execute_script("return sessionStorage.getItem('minillama-api-key')") == "secret"
         assert browser.execute_script("return localStorage.length") == 0
+        wire = open_toggle(reply, "toggle-wire")
+        request = wire.find_element(*by_testid("request-json")).get_attribute("textContent")
+        assert "Authorization: Bearer ••••••" in request and "secret" not in browser.page_source
+
+        # Stop mid-reply: the page keeps what came and is ready for the next message.
+        set_max_tokens(browser, 1500)
+        send_message(browser, "Go on")
+        wait_for(browser, lambda d: len(d.find_elements(*by_testid("reply"))) == 2
+                 and d.find_elements(*by_testid("reply"))[1].find_elements(*by_testid("token")))
+        browser.find_element(*by_testid("stop")).click()
+        second = browser.find_elements(*by_testid("reply"))[1]
+        wait_for(browser, lambda d: second.find_element(*by_testid("reply-stats")).text == "stopped")
+        assert browser.find_element(*by_testid("send")).is_displayed()
+        assert len(second.find_elements(*by_testid("token"))) < 1500

@@ -258,14 +258,16 @@ async function* serverSentEvents(body, onLine) {
 
 async function streamChat(reply, request, signal) {
   const body = JSON.stringify(request, null, 2);  // what is shown below is byte for byte what is sent
-  reply.requestJson.textContent = `POST /v1/chat/completions\n\n${body}`;
+  // The headers too, the key masked: it is the one thing on the wire the page does not show.
+  const key = sessionStorage.getItem(KEY_STORAGE) ? "Authorization: Bearer ••••••\n" : "";
+  reply.requestJson.textContent = `POST /v1/chat/completions\nContent-Type: application/json\n${key}\n${body}`;
   const reading = {
     text: "", tokens: [], finishReason: null, usage: null,
     sentAt: performance.now(), firstTokenAt: null, lastTokenAt: null,
   };
   const response = await postJSON("/v1/chat/completions", body, signal);
   if (!response.ok) throw new Error(await errorMessage(response));
-  const onLine = (line) => { reply.streamLines.textContent += line + "\n"; };
+  const onLine = (line) => reply.streamLines.append(line + "\n");  // a text node each: no copy of what came before
   for await (const data of serverSentEvents(response.body, onLine)) {
     if (data === "[DONE]") break;
     readChunk(JSON.parse(data), reading, reply);
@@ -404,17 +406,19 @@ async function send(text) {
     showStats(reply, reading);
   } catch (error) {
     if (chatId !== state.chatId) return;  // New chat was pressed: this reply is gone already
-    if (error.name === "AbortError") {
-      // Stopped by the user: keep what came, as the history the next turn builds on.
-      state.messages.push({ role: "assistant", content: reply.content.textContent });
+    const partial = reply.content.textContent;
+    if (error.name === "AbortError" && partial) {
+      // Stopped by the user mid-reply: keep what came, as the history the next turn builds on.
+      state.messages.push({ role: "assistant", content: partial });
       reply.stats.textContent = "stopped";
     } else {
-      // Not sent: take the turn back out of the history, and put the text back in the box to retry.
+      // Not sent (or stopped before a word came): take the turn back out of the history, and put the text back
+      // in the box to retry.
       state.messages.pop();
       userElement.remove();
       reply.root.remove();
       $("user-input").value = text;
-      showError(error.message);
+      if (error.name !== "AbortError") showError(error.message);
     }
   } finally {
     if (chatId === state.chatId) setBusy(false);
