@@ -49,6 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offline", action="store_true", help="use only files already downloaded")
     p.add_argument("--json", action="store_true", help="one JSON object per line, one line per figure")
     add_tp_arg(p)
+    p.add_argument("--concurrency", metavar="LIST", help="e.g. 1,4,16: many requests at once through the engine "
+                   "(2C requests on C slots per level) against transformers' continuous batching; sides: minillama, "
+                   "minillama:weights=gguf (the default model's Q4_1), transformers (default: all that apply)")
+    p.add_argument("--threads", type=int, help="torch threads per side (default: torch's choice)")
     p.add_argument("--json-file", metavar="FILE", help="also write the JSON lines to FILE (the table still prints)")
     p.set_defaults(func=run)
 
@@ -59,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
     if sum(bool(x) for x in (args.model, args.config, args.tiny)) > 1:
         raise MinillamaError("give one of MODEL, --config FILE or --tiny")
+    if args.concurrency:
+        return run_concurrency(args)
     sides = [side.strip() for side in args.sides.split(",")] if args.sides else None
     if args.quantize:
         sides = quantized_sides(args, sides)
@@ -115,6 +121,49 @@ def run(args: argparse.Namespace) -> int:
         print(f"minillama bench: {', '.join(failed)} failed (see above); the other figures stand", file=sys.stderr)
         return 1
     return 0
+
+
+def run_concurrency(args: argparse.Namespace) -> int:
+    """--concurrency: the engine against transformers' continuous batching (minillama/bench/concurrency.py)."""
+    import torch
+
+    from minillama.bench.concurrency import SIDES, cpu_line, format_table, run_concurrency
+    from minillama.errors import MinillamaError
+    from minillama.hub import DEFAULT_MODEL, default_model, resolve_model
+
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        raise MinillamaError(f"--concurrency {args.concurrency}: give numbers, e.g. 1,4,16") from None
+    if not levels or min(levels) < 1:
+        raise MinillamaError("--concurrency: every level must be >= 1")
+    if args.config or args.tiny:
+        raise MinillamaError("--concurrency runs a real model directory (or the default model), not --config/--tiny")
+    default = (args.model or DEFAULT_MODEL) == DEFAULT_MODEL
+    sides = [s.strip() for s in args.sides.split(",")] if args.sides else \
+        [s for s in SIDES if default or s != "minillama:weights=gguf"]
+    for side in sides:
+        if side not in SIDES or (side == "minillama:weights=gguf" and not default):
+            raise MinillamaError(f"--concurrency side {side!r}: choose from {', '.join(SIDES)} (the gguf side runs "
+                                 "the default model only)")
+    if "transformers" in sides:
+        from minillama.optional import require
+
+        require("transformers", "minillama bench --concurrency (its transformers side)")
+    path = resolve_model(args.model or DEFAULT_MODEL, offline=args.offline)
+    dirs = {side: default_model(quantized=True) if side == "minillama:weights=gguf" else path for side in sides}
+    threads = args.threads or torch.get_num_threads()
+    print(f"[bench] {cpu_line()}, {threads} threads; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          "greedy", file=sys.stderr)
+    records = run_concurrency(dirs, sorted(levels), args.prompt_len, args.new_tokens, args.seed, threads,
+                              ctx=2048, progress=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
+    for r in records:
+        r["cpu"] = cpu_line()
+    if args.json_file:
+        with open(args.json_file, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    print("\n".join(json.dumps(r) for r in records) if args.json else format_table(records))
+    return 1 if any("error" in r for r in records) else 0
 
 
 def default_gguf(args: argparse.Namespace, sides: list[str] | None, tmp: Path) -> Path | None:
