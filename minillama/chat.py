@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from minillama.config import check_generation_file
 from minillama.errors import MinillamaError, read_json_object
 from minillama.fast import CompiledEngine, compiled_engine_applies
 from minillama.generation import (STOP_CONTEXT, STOP_EOS, STOP_LENGTH, STOP_STRING, EagerEngine, GenerationConfig,
@@ -62,6 +63,7 @@ def chat_generation_config(model_dir: str | Path, overrides: dict[str, Any] | No
     """A chat's settings and the source of each (`FROM_*`): the flags (`overrides`, None = not given) over the
     model's generation_config.json, over `CHAT_SAMPLING` for what that file leaves out, over the defaults."""
     model_dir = Path(model_dir)
+    check_generation_file(model_dir)
     file = model_dir / "generation_config.json"
     in_file = {k for k, v in read_json_object(file).items() if v is not None} if file.is_file() else set()
     sources = {k: FROM_MODEL if k in in_file else FROM_DEFAULT for k in ("do_sample", *SHOWN)}

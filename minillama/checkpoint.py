@@ -19,7 +19,7 @@ from torch import nn
 from safetensors import SafetensorError, safe_open
 
 from minillama import quant
-from minillama.config import LlamaConfig
+from minillama.config import LlamaConfig, check_generation_file
 from minillama.errors import MinillamaError, read_json_object
 from minillama.files import parse_json, read_json
 from minillama.generation import GenerationConfig
@@ -309,6 +309,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
             quant.quantize_model(model, quantize, group_size)
     # The model's own generation defaults (eos ids, sampling), which `generate` uses unless given others,
     # as transformers' `model.generation_config`.
+    check_generation_file(model_dir)
     model.generation_config = GenerationConfig.from_model_dir(model_dir)
     return model.eval()
 

@@ -100,7 +100,12 @@ class LlamaConfig:
         max_pos = integer("max_position_embeddings", 2048)
         rope_theta, rope_type, rope_scaling = _read_rope(d, fail, number)
         if rope_type == "llama3" and "original_max_position_embeddings" in rope_scaling:
-            rope_scaling["original_max_position_embeddings"] = int(rope_scaling["original_max_position_embeddings"])
+            original = rope_scaling["original_max_position_embeddings"]
+            if original != int(original) or original > _LIMITS["max_position_embeddings"]:  # 1e300 overflowed torch
+                raise fail("rope_scaling.original_max_position_embeddings",
+                           f"must be a whole number of positions up to {_LIMITS['max_position_embeddings']:,}, "
+                           f"got {original:g}")
+            rope_scaling["original_max_position_embeddings"] = int(original)
 
         dtype = d.get("torch_dtype", d.get("dtype"))
         if dtype is not None and not isinstance(dtype, str):
@@ -191,8 +196,21 @@ class _Fields:
         value = self.d.get(name)
         ids = value if isinstance(value, list) else [value]
         if any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0) for v in ids):
-            raise self.fail(name, f"must be a token id or a list of ids, got {value!r}")
+            raise self.fail(name, f"must be a token id or a list of ids, got {str(value)[:40]}")
+        limit = _LIMITS["vocab_size"]  # an id past any vocabulary would overflow int64 further on (10**400)
+        if any(v is not None and v >= limit for v in ids):
+            raise self.fail(name, f"holds an id past any vocabulary (limit {limit:,}), got {str(value)[:40]}")
         return value
+
+
+def check_generation_file(model_dir: str | Path) -> None:
+    """Range-check the token ids of a model directory's generation_config.json as it is read, naming the field
+    (GenerationConfig takes any non-negative int, and an id like 10**400 broke generation with OverflowError)."""
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        fields = _Fields(read_json_object(path), str(path))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+            fields.optional_id(name)
 
 def _read_rope(d: dict, fail, number) -> tuple[float, str, dict[str, Any]]:
     """Return (theta, rope type, that type's parameters) from either config spelling."""

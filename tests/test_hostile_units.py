@@ -459,3 +459,41 @@ def test_two_first_runs_at_once_share_one_conversion(tmp_path, monkeypatch):
     assert not errors and len(results) == 2 and results[0] == results[1] and len(calls) == 1
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".smollm2-135m-instruct.lock",
                                                                       "smollm2-135m-instruct"]
+
+
+# ---- 9. Numbers past any range -------------------------------------------------------------------------------
+
+def test_numbers_past_any_range_name_their_field(chat_model, tmp_path):
+    """`original_max_position_embeddings: 1e300` in a llama3 rope config and `eos_token_id: 10**400` in a
+    generation_config.json both ended in OverflowError inside torch; each is refused where it is read, naming
+    the field, for the CLI's settings (chat_generation_config) and load_model alike."""
+    import json
+
+    from conftest import TINY
+
+    import minillama
+    from minillama.chat import chat_generation_config
+    from minillama.config import LlamaConfig
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 1e300}
+    with pytest.raises(MinillamaError, match="field 'rope_scaling.original_max_position_embeddings' must be a whole"):
+        LlamaConfig.from_dict({"model_type": "llama", **TINY, "rope_scaling": rope})
+    rope["original_max_position_embeddings"] = 8192.0  # a float that is a whole number still reads
+    assert LlamaConfig.from_dict({"model_type": "llama", **TINY, "rope_scaling": rope}).rope_scaling[
+        "original_max_position_embeddings"] == 8192
+    with pytest.raises(MinillamaError, match="field 'eos_token_id' holds an id past any vocabulary"):
+        LlamaConfig.from_dict({"model_type": "llama", **TINY, "eos_token_id": [2, 10**400]})
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in chat_model.iterdir():
+        (bad / f.name).symlink_to(f)
+    (bad / "generation_config.json").unlink()
+    for field, value in (("eos_token_id", 10**400), ("pad_token_id", 2**63)):
+        (bad / "generation_config.json").write_text(json.dumps({field: value}))
+        with pytest.raises(MinillamaError, match=f"generation_config.json: field '{field}' holds an id past") as e:
+            chat_generation_config(bad)
+        assert "0" * 50 not in str(e.value)  # the number is cut short, the line stays one line
+        with pytest.raises(MinillamaError, match=f"field '{field}'"):
+            minillama.load_model(bad)
