@@ -73,6 +73,23 @@ MINILLAMA_BENCH_LOG="$LOGS/bench_sides.log" TORCH_LOGS="${TORCH_LOGS:-cudagraphs
     "$PY" -m minillama.cli.bench "${ARGS[@]}" --sides "$SIDES" --side-timeout 200 --time-budget "$LEFT" \
     --json-file "$JSONL" "$@" >"$TABLE" || status=$?
 
+# The continuous-batching engine at 1, 16 and 64 concurrent requests against transformers' generate_batch
+# (2C requests on C slots per level), when the budget still allows it; its JSON lines go to concurrency.jsonl.
+if [[ $TINY == 1 ]]; then
+    CONC=(--tiny --prompt-len 32 --new-tokens 8)
+else
+    CONC=(--config scripts/configs/llama-3.2-1b.json --dtype bfloat16 --prompt-len 512 --new-tokens 128)
+fi
+CONC_LEVELS="${GPU_BENCH_CONCURRENCY:-1,16,64}"
+CONC_TIME=$((BUDGET - (SECONDS - START) - TEST_RESERVE))
+if (( CONC_TIME > 60 )); then
+    echo "[gpu_bench] concurrency $CONC_LEVELS, $CONC_TIME s left" >&2
+    "$PY" -m minillama.cli.bench "${CONC[@]}" --concurrency "$CONC_LEVELS" --side-timeout $((CONC_TIME / 2)) \
+        --json-file "$LOGS/concurrency.jsonl" >>"$TABLE" || status=$?
+else
+    echo "[gpu_bench] no time left for the concurrency run" >&2
+fi
+
 if [[ $TEST == 1 ]] && "$PY" -c "import pytest" 2>/dev/null; then
     # Each compiled variant is captured as CUDA graphs (no skips) and gives the regular path's tokens,
     # greedy and sampled, with an eos stop (the tests skip themselves without CUDA).
@@ -92,7 +109,7 @@ if [[ $TEST == 1 ]] && "$PY" -c "import pytest" 2>/dev/null; then
     fi
 fi
 
-cat "$JSONL" 2>/dev/null || true
+cat "$JSONL" "$LOGS/concurrency.jsonl" 2>/dev/null || true
 cat "$TABLE" >&2
 echo "[gpu_bench] done in $((SECONDS - START)) s (exit code $status)" >&2
 exit $status

@@ -227,7 +227,8 @@ def test_gpu_bench_script_runs_the_compiled_engine_on_cpu(tmp_path):
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "GPU_BENCH_SIDES": "minillama:compile=on"}
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "GPU_BENCH_SIDES": "minillama:compile=on",
+           "GPU_BENCH_CONCURRENCY": "1,2"}
     r = subprocess.run(["bash", str(root / "scripts" / "gpu_bench.sh"), "--tiny", "--no-test"], env=env,
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -235,3 +236,7 @@ def test_gpu_bench_script_runs_the_compiled_engine_on_cpu(tmp_path):
     checked = [(rec["side"], rec["value"]) for rec in records if rec["figure"] == "tokens_checked"]
     assert checked == [("minillama:compile=on", 1.0)]
     assert "minillama:compile=on: 100% of its first 16 tokens" in r.stderr  # the closing table
+    concurrency = [json.loads(line) for line in (tmp_path / "concurrency.jsonl").read_text().splitlines()]
+    assert {(rec["side"], rec["concurrency"]) for rec in concurrency} == \
+        {(side, c) for side in ("minillama", "transformers") for c in (1, 2)}
+    assert all(rec["output_tokens"] == 2 * rec["concurrency"] * 8 for rec in concurrency)

@@ -59,7 +59,7 @@ def run_minillama(spec: dict[str, Any]) -> list[dict[str, Any]]:
     import minillama
     from minillama.engine import Engine, Request
 
-    model = minillama.load_model(spec["model_dir"], device="cpu", pack=True)
+    model = minillama.load_model(spec["model_dir"], device=spec["device"], dtype=spec["dtype"], pack=True)
     model_rss = psutil.Process().memory_info().rss
     out = []
     for c in spec["concurrency"]:
@@ -84,8 +84,10 @@ def run_transformers(spec: dict[str, Any]) -> list[dict[str, Any]]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()
+    device = spec["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, spec["dtype"]) if spec["dtype"] else (torch.float32 if device == "cpu" else "auto")
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype,
+                                                 attn_implementation="sdpa").to(device).eval()
     out = []
     for c in spec["concurrency"]:
         config = GenerationConfig(max_new_tokens=spec["new_tokens"], do_sample=False, eos_token_id=-1, pad_token_id=0)
@@ -118,18 +120,24 @@ def worker(spec_json: str) -> None:
 
 
 def run_concurrency(model_dirs: dict[str, Path], concurrency: list[int], prompt_len: int, new_tokens: int,
-                    seed: int, threads: int, ctx: int, progress) -> list[dict[str, Any]]:
+                    seed: int, threads: int, ctx: int, progress, device: str | None = None, dtype: str | None = None,
+                    side_timeout: float | None = None) -> list[dict[str, Any]]:
     """Each side (its model directory) in its own process; returns one record per side and concurrency."""
     records = []
     for side, model_dir in model_dirs.items():
         spec = {"side": side, "model_dir": str(model_dir), "concurrency": concurrency, "prompt_len": prompt_len,
-                "new_tokens": new_tokens, "seed": seed, "threads": threads, "ctx": ctx}
+                "new_tokens": new_tokens, "seed": seed, "threads": threads, "ctx": ctx, "device": device,
+                "dtype": dtype}
         progress(f"{side}: concurrency {','.join(map(str, concurrency))}")
-        run = subprocess.run([sys.executable, "-m", "minillama.bench.concurrency", json.dumps(spec)],
-                             capture_output=True, text=True)
-        found = [json.loads(line[len(RESULT):]) for line in run.stdout.splitlines() if line.startswith(RESULT)]
-        if run.returncode or not found:
-            tail = (run.stderr or run.stdout).strip().splitlines()[-3:]
+        try:
+            run = subprocess.run([sys.executable, "-m", "minillama.bench.concurrency", json.dumps(spec)],
+                                 capture_output=True, text=True, timeout=side_timeout)
+            out, err, failed = run.stdout, run.stderr, run.returncode != 0
+        except subprocess.TimeoutExpired as e:
+            out, err, failed = (e.stdout or b"").decode(), f"timed out after {side_timeout} s", True
+        found = [json.loads(line[len(RESULT):]) for line in out.splitlines() if line.startswith(RESULT)]
+        if failed or not found:
+            tail = (err or out).strip().splitlines()[-3:]
             records.append({"side": side, "error": " | ".join(tail)})
             progress(f"{side} failed: {' | '.join(tail)}")
         records += found

@@ -137,9 +137,8 @@ def run_concurrency(args: argparse.Namespace) -> int:
         raise MinillamaError(f"--concurrency {args.concurrency}: give numbers, e.g. 1,4,16") from None
     if not levels or min(levels) < 1:
         raise MinillamaError("--concurrency: every level must be >= 1")
-    if args.config or args.tiny:
-        raise MinillamaError("--concurrency runs a real model directory (or the default model), not --config/--tiny")
-    default = (args.model or DEFAULT_MODEL) == DEFAULT_MODEL
+    random_weights = bool(args.config or args.tiny)
+    default = not random_weights and (args.model or DEFAULT_MODEL) == DEFAULT_MODEL
     sides = [s.strip() for s in args.sides.split(",")] if args.sides else \
         [s for s in SIDES if default or s != "minillama:weights=gguf"]
     for side in sides:
@@ -150,13 +149,25 @@ def run_concurrency(args: argparse.Namespace) -> int:
         from minillama.optional import require
 
         require("transformers", "minillama bench --concurrency (its transformers side)")
-    path = resolve_model(args.model or DEFAULT_MODEL, offline=args.offline)
+    tmp = tempfile.TemporaryDirectory(prefix="minillama-bench-")
+    if random_weights:  # random weights of the config's shape, written once for every side
+        from minillama.bench import TINY_CONFIG
+        from minillama.bench.workers import write_random_checkpoint
+
+        config = {**TINY_CONFIG} if args.tiny else json.loads(Path(args.config).read_text())
+        dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+        path = write_random_checkpoint(config, Path(tmp.name) / "model", dtype, args.seed)
+    else:
+        path = resolve_model(args.model or DEFAULT_MODEL, offline=args.offline)
     dirs = {side: default_model(quantized=True) if side == "minillama:weights=gguf" else path for side in sides}
     threads = args.threads or torch.get_num_threads()
     print(f"[bench] {cpu_line()}, {threads} threads; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           "greedy", file=sys.stderr)
-    records = run_concurrency(dirs, sorted(levels), args.prompt_len, args.new_tokens, args.seed, threads,
-                              ctx=2048, progress=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
+    with tmp:
+        records = run_concurrency(dirs, sorted(levels), args.prompt_len, args.new_tokens, args.seed, threads,
+                                  ctx=min(2048, max(args.prompt_len + args.new_tokens, 64)),
+                                  progress=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True),
+                                  device=args.device, dtype=args.dtype, side_timeout=args.side_timeout)
     for r in records:
         r["cpu"] = cpu_line()
     if args.json_file:
