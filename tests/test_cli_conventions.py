@@ -170,3 +170,18 @@ def test_help_is_written_for_users():
         text = parser.format_help()
         for developer_words in ("`Repl`", "-line class", "this file", "parses, prints", "Parses flags"):
             assert developer_words not in text, (name, developer_words)
+
+
+def test_threads_flag_sets_torchs_threads(chat_model, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", str(chat_model), "--threads", "1", "--prompt", "Hi", "-n", "2"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert main(["serve", "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    for tool in ("chat", "generate", "serve", "dump", "diff", "lens", "patch"):
+        assert "--threads" in build_parser()._subparsers._group_actions[0].choices[tool].format_help()

@@ -47,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from minillama.cli.common import tensor_parallel_session
 
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            print(f"minillama: error: --threads must be at least 1, got {threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         with tensor_parallel_session(args):  # under torchrun: one rank of a tensor-parallel model
             return args.func(args) or 0

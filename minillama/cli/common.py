@@ -33,6 +33,8 @@ def add_model_args(p: argparse.ArgumentParser, dtype: str | None = None) -> None
                         "a --dtype without --quantize also gives float weights")
     p.add_argument("--group-size", type=int, help="int4 group size: 32 (default), 64 or 128; for int8, one scale "
                                                   "per group instead of one per output channel")
+    p.add_argument("--threads", "-t", type=int, help="CPU threads for torch's kernels (default: torch's choice, one "
+                                                     "per core); fewer when other programs keep the cores busy")
     add_tp_arg(p)
 
 

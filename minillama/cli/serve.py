@@ -39,7 +39,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", action="append", help="require 'Authorization: Bearer KEY' (repeatable)")
     p.add_argument("--api-key-file", type=Path, help="a file with one API key per line")
     p.add_argument("--max-body", type=int, default=4 * 2**20, help="largest request body in bytes (default: 4 MiB)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=run)
 
 
@@ -67,7 +66,7 @@ def check_args(args: argparse.Namespace) -> None:
         except MinillamaError:
             raise MinillamaError(f"minillama serve needs {package}, which is not installed: "
                                  "pip install 'minillama[serve]'") from None
-    for name, low in (("slots", 1), ("max_queue", 0), ("chunk_size", 1), ("max_body", 1024), ("threads", 1)):
+    for name, low in (("slots", 1), ("max_queue", 0), ("chunk_size", 1), ("max_body", 1024)):
         value = getattr(args, name)
         if value is not None and value < low:
             raise MinillamaError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
@@ -112,10 +111,6 @@ def load_engine(args: argparse.Namespace, state) -> None:
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     keys = api_keys(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     import uvicorn
 
     from minillama.server import ServerState, create_app
