@@ -16,6 +16,10 @@ The KV cache has `slots` rows, one request per row, each with its own length. On
      own settings ((B, 1) tensors kept per slot) and its own seed (`sample_seeded`);
   5. applies the stop rules (stopping.py, the ones `generate` uses) and hands each request its token.
 
+Under tensor parallelism (torchrun, `load_model(tp=True)`) every rank runs the same engine: rank 0 takes the
+requests and cancellations in and sends them to the others at the start of each step (`SharedInbox`), so every
+rank schedules, runs and samples the same rows; the others call `engine.follow()`.
+
 Greedy tokens equal `minillama.generate`'s alone, up to the rounding that batch composition changes (a tie
 between the top two logits can then go the other way). Design and figures: docs/serving.md.
 
@@ -217,6 +221,7 @@ class Engine:
         self._stopping = False
         self.counters = {"finished": 0, "cancelled": 0, "refused": 0, "errors": 0, "prompt_tokens": 0,
                          "cached_tokens": 0, "output_tokens": 0, "steps": 0}
+        self.shared = SharedInbox() if SharedInbox.needed() else None  # tensor parallel: rank 0's plan for all
 
     # ---- The caller's side (any thread) ---------------------------------------------------------------
 
@@ -300,12 +305,15 @@ class Engine:
         return self
 
     def stop(self) -> None:
+        """Stop the background thread (and, under tensor parallelism, the other ranks' `follow()`)."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self.shared is not None and not self.shared.stopped:  # every rank: rank 0 says stop, the others hear it
+            self.shared.exchange([], [], True, self._seqs)
 
     def generate(self, requests: Seq[Request]) -> list[Handle]:
         """Run a batch of requests to the end (offline, like vLLM's `LLM.generate`); handles in request order."""
@@ -359,10 +367,17 @@ class Engine:
                         self._end(seq, STOP_ERROR, error=f"{type(e).__name__}: {e}")
             return True
 
+    def follow(self) -> None:
+        """Tensor parallelism, ranks > 0: run the steps rank 0 runs, until rank 0's engine stops."""
+        while not self.shared.stopped:
+            self.step()
+
     def _take_inbox(self) -> None:
         with self._wake:
             inbox, self._inbox = self._inbox, []
             cancelled, self._cancelled = self._cancelled, []
+        if self.shared is not None:
+            inbox, cancelled = self.shared.exchange(inbox, cancelled, self._stopping, self._seqs)
         for seq in inbox:
             self.scheduler.add(seq)
         for handle in cancelled:
@@ -471,6 +486,54 @@ class Engine:
         return list(dict.fromkeys(ids))
 
 
+class SharedInbox:
+    """Tensor parallelism: at the start of every step rank 0 sends the requests it took in (prompt, settings,
+    seed) and the ones cancelled; every rank then holds the same requests in the same order, so its scheduler
+    makes the same choices, its forward runs the same rows, and its sampling (the same logits after the head's
+    all-gather, the same seeds) the same tokens. A rank that submitted the same requests itself (every rank
+    running one script) keeps its handles, matched by order; otherwise handles are made for rank 0's requests."""
+
+    def __init__(self):
+        import datetime
+
+        import torch.distributed as dist
+
+        from minillama import tp
+
+        self.dist, self.rank, self.stopped, self.taken = dist, tp.rank(), False, 0
+        # Its own gloo group with a long timeout: a server may idle for days between requests.
+        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+
+    @staticmethod
+    def needed() -> bool:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def exchange(self, inbox: list[Sequence], cancelled: list[Handle], stopping: bool,
+                 seqs: dict[int, Sequence]) -> tuple[list[Sequence], list[Handle]]:
+        box: list[Any] = [None]
+        if self.rank == 0:
+            for seq in inbox:
+                seq.number = self.taken = self.taken + 1
+            box = [([(s.request, s.handle.seed) for s in inbox],
+                    [getattr(seqs.get(id(h)), "number", None) for h in cancelled], stopping)]
+        self.dist.broadcast_object_list(box, src=0, group=self.group)
+        sent, numbers, self.stopped = box[0]
+        if self.rank == 0:
+            return inbox, cancelled
+        mine, taken = [], []
+        for i, (request, seed) in enumerate(sent):
+            seq = inbox[i] if i < len(inbox) else Sequence(list(request.prompt), request, Handle(request, seed))
+            seq.handle.seed = seed
+            seq.number = self.taken = self.taken + 1
+            seqs[id(seq.handle)] = seq
+            mine.append(seq)
+        by_number = {getattr(s, "number", None): s for s in seqs.values()}
+        taken = [by_number[n].handle for n in numbers if n in by_number]
+        return mine, taken
+
+
 def generate_many(model: torch.nn.Module, tokenizer: Any, prompts: Seq[str | list[int]], *, slots: int = 16,
                   **settings: Any) -> list[Handle]:
     """Complete many prompts at once through one engine (vLLM's `LLM.generate`): text prompts are encoded
@@ -479,4 +542,6 @@ def generate_many(model: torch.nn.Module, tokenizer: Any, prompts: Seq[str | lis
     requests = [Request(prompt=tokenizer.encode(p) if isinstance(p, str) else list(p), **settings) for p in prompts]
     needed = max(len(r.prompt) + r.max_tokens for r in requests)
     engine = Engine(model, tokenizer, slots=min(slots, len(requests)), max_seq_len=needed)
-    return engine.generate(requests)
+    handles = engine.generate(requests)
+    engine.stop()
+    return handles

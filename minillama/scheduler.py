@@ -27,6 +27,7 @@ class Sequence:
     slot: int | None = None  # the cache row, once admitted
     n_cached: int = 0  # prompt tokens whose keys/values are in the slot (reused or prefilled)
     reused: int = 0  # of those, the ones found in the slot (prefix reuse)
+    number: int = 0  # the order rank 0 took it in (tensor parallelism: the same request on every rank)
 
     @property
     def prefilled(self) -> bool:

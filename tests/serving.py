@@ -32,15 +32,16 @@ class Server:
 
 
 @contextlib.contextmanager
-def start_server(model: str, *args: str, tmp_path, timeout: float = 120,
-                 env: dict[str, str] | None = None) -> Iterator[Server]:
+def start_server(model: str, *args: str, tmp_path, timeout: float = 120, env: dict[str, str] | None = None,
+                 launcher: list[str] | None = None) -> Iterator[Server]:
     """Start `minillama serve MODEL ARGS` on a free port (one torch thread), wait for /health 200, and stop it
-    afterwards. Its output goes to a log file (server.log in tmp_path), printed if it fails to come up."""
+    afterwards. Its output goes to a log file (server.log in tmp_path), printed if it fails to come up.
+    launcher: what runs `-m minillama` (default: this Python; e.g. torchrun's module for tensor parallelism)."""
     port = free_port()
     log_path = os.path.join(tmp_path, f"server-{port}.log")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "minillama", "serve", str(model), "--port", str(port),
+        process = subprocess.Popen([*(launcher or [sys.executable]), "-m", "minillama", "serve", str(model), "--port", str(port),
                                     "--threads", "1", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
     try:

@@ -265,3 +265,83 @@ def test_torchrun_generate_prints_once_and_matches_one_process(chat_model):
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert two.stdout == one.stdout and one.stdout.strip()
     assert sum(line.startswith("[prompt:") for line in two.stderr.splitlines()) == 1  # rank 0's stats only
+
+
+def _engine_worker(rank: int, world: int, port: int, path: str, out: str) -> None:
+    """Rank 0 submits; the other ranks either submit the same requests (one script on every rank) or none
+    (a server's followers), and follow rank 0's plan."""
+    from minillama.engine import Engine, Request
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    tp.init(timeout_s=TIMEOUT_S)
+    model = minillama.load_model(path, device="cpu", dtype="float32", tp=True)
+    requests = [Request(PROMPT, max_tokens=20, temperature=0), Request(PROMPT[:5], max_tokens=12, temperature=0.9),
+                Request(PROMPT[3:], max_tokens=16, temperature=0.8, top_p=0.9, seed=5)]
+    report = {}
+    # One script on every rank: each submits the same requests (the unseeded one gets rank 0's seed).
+    engine = Engine(model, slots=2, max_seq_len=64, eos_token_ids=[])
+    report["same"] = [h.token_ids for h in engine.generate(requests)]
+    engine.stop()
+    # A server: rank 0 alone takes requests in (and cancels one), the others follow.
+    engine = Engine(model, slots=2, max_seq_len=64, eos_token_ids=[])
+    if rank == 0:
+        handles = [engine.submit(r) for r in requests]
+        engine.step()
+        engine.cancel(handles[1])
+        while not all(h.done for h in handles):
+            engine.step()
+        engine.stop()
+        report["served"] = [h.token_ids for h in handles]
+        report["reasons"] = [h.finish_reason for h in handles]
+    else:
+        engine.follow()
+        report["followed_steps"] = engine.counters["steps"]
+    report["steps"] = engine.counters["steps"]
+    Path(out, f"engine{rank}.json").write_text(json.dumps(report))
+    tp.shutdown()
+
+
+def test_the_engine_under_tensor_parallelism(models, tmp_path):
+    """Every rank schedules and samples alike: greedy tokens equal one process's engine, sampled ones agree
+    across ranks, and rank 0's cancellation reaches the followers."""
+    from minillama.engine import Engine, Request
+
+    context = mp.start_processes(_engine_worker, args=(2, _free_port(), str(models["mha"]), str(tmp_path)),
+                                 nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 180
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("the ranks did not finish within 180 s")
+    r0, r1 = (json.loads(Path(tmp_path, f"engine{r}.json").read_text()) for r in (0, 1))
+    torch.set_num_threads(1)
+    single = minillama.load_model(models["mha"], device="cpu", dtype="float32")
+    alone = Engine(single, slots=2, max_seq_len=64, eos_token_ids=[]).generate(
+        [Request(PROMPT, max_tokens=20, temperature=0)])[0].token_ids
+    assert r0["same"][0] == r1["same"][0] == alone
+    assert r0["same"] == r1["same"]  # the sampled ones too: rank 0's seed for the unseeded request
+    assert r0["reasons"][1] == "cancelled" and r0["served"][0] == alone and r0["served"][2] == r0["same"][2]
+    assert r1["followed_steps"] == r0["steps"]  # the follower ran every step rank 0 ran
+
+
+def test_torchrun_serve(chat_model, tmp_path):
+    """`torchrun --nproc-per-node 2 -m minillama serve`: rank 0 serves HTTP, both ranks run each step; the reply
+    is the one-process engine's."""
+    import httpx
+    from serving import start_server
+
+    from minillama.engine import Engine, Request
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(_free_port())]
+    body = {"prompt": "Name a river", "max_tokens": 8, "temperature": 0}
+    with start_server(chat_model, tmp_path=tmp_path, launcher=launcher, env={"MINILLAMA_TP_TIMEOUT": "60"}) as s:
+        reply = httpx.post(s.url + "/v1/completions", json=body, timeout=60).json()
+        assert "tensor parallel" in s.log()
+    model, tok = minillama.load_model(chat_model, device="cpu"), minillama.load_tokenizer(chat_model)
+    alone = Engine(model, tok, slots=1, max_seq_len=64).generate(
+        [Request(tok.encode("Name a river"), max_tokens=8, temperature=0)])[0]
+    assert reply["choices"][0]["text"] == alone.text and reply["usage"]["completion_tokens"] == 8

@@ -274,7 +274,7 @@ def eprint(*parts: object) -> None:
 
 # ---- Tensor parallelism under torchrun -----------------------------------------------------------------
 
-TP_COMMANDS = ("chat", "generate", "dump", "bench")
+TP_COMMANDS = ("chat", "generate", "dump", "bench", "serve")
 
 
 def tensor_parallel() -> bool:

@@ -76,13 +76,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise MinillamaError(f"--port must be in 1..65535, got {args.port}")
 
 
-def load_engine(args: argparse.Namespace, state) -> None:
-    """Load model and tokenizer, start the engine, and put it in `state` (the server answers 503 until then)."""
+def load_engine(args: argparse.Namespace, model_name: str):
+    """Load model and tokenizer and make the engine (not started); says what it loaded."""
     import torch
 
     from minillama import quant
     from minillama.checkpoint import load_model, resolve_device
-    from minillama.cli.common import quantize_args, resolve_model_arg, runs_default_quantized
+    from minillama.cli.common import quantize_args, resolve_model_arg, runs_default_quantized, tensor_parallel
     from minillama.config import LlamaConfig
     from minillama.engine import Engine
     from minillama.tokenizer import load_tokenizer
@@ -97,25 +97,30 @@ def load_engine(args: argparse.Namespace, state) -> None:
     if tokenizer.chat_template_source is None:
         eprint(f"minillama serve: {path} has no chat template: /v1/chat/completions will refuse, "
                "/v1/completions works")
-    model = load_model(path, device=device, dtype=args.dtype, pack=True, **quantize_args(args))
+    model = load_model(path, device=device, dtype=args.dtype, pack=True, tp=tensor_parallel(), **quantize_args(args))
     engine = Engine(model, tokenizer, slots=args.slots, max_seq_len=ctx, chunk_size=args.chunk_size,
                     max_waiting=args.max_queue)
     weights = quant.describe(model) or str(model.dtype).replace("torch.", "")
-    eprint(f"minillama serve: model {state.model_name} ({path}); weights {weights} on {device}, "
-           f"{torch.get_num_threads()} threads")
-    eprint(f"minillama serve: {engine.memory_line()}")
-    state.tokenizer = tokenizer
-    state.engine = engine.start()
+    where = f"{device}, {torch.get_num_threads()} threads" + (", tensor parallel" if tensor_parallel() else "")
+    eprint(f"minillama serve: model {model_name} ({path}); weights {weights} on {where}")
+    eprint(f"minillama serve: {engine.memory_line()}" + (" on each rank" if tensor_parallel() else ""))
+    return engine, tokenizer
 
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     keys = api_keys(args)
+    name = Path(args.model).name if os.path.isdir(args.model) else str(args.model)
+    from minillama import tp
+
+    if tp.rank() != 0:  # under torchrun: rank 0 serves HTTP and schedules; the other ranks run its steps
+        engine, _ = load_engine(args, name)
+        engine.follow()
+        return 0
     import uvicorn
 
     from minillama.server import ServerState, create_app
 
-    name = Path(args.model).name if os.path.isdir(args.model) else str(args.model)
     state = ServerState(model_name=name, api_keys=keys, max_body=args.max_body)
     server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=3))
@@ -123,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
 
     def loader() -> None:
         try:
-            load_engine(args, state)
+            engine, state.tokenizer = load_engine(args, name)
+            state.engine = engine.start()
             eprint(f"minillama serve: ready at http://{args.host}:{args.port} (chat page at /, API at /v1"
                    + (", API key required" if keys else "") + ")")
         except MinillamaError as e:
