@@ -31,8 +31,8 @@ import torch
 from minillama.config import check_generation_file
 from minillama.errors import MinillamaError, read_json_object
 from minillama.fast import CompiledEngine, compiled_engine_applies
-from minillama.generation import (STOP_CONTEXT, STOP_EOS, STOP_LENGTH, STOP_STRING, EagerEngine, GenerationConfig,
-                                  generate)
+from minillama.generation import (STOP_CONTEXT, STOP_EOS, STOP_LENGTH, STOP_STRING, EagerEngine, Generation,
+                                  GenerationConfig, generate)
 from minillama.sampling import make_generator
 
 DEFAULT_CONTEXT = 8192  # KV cache slots allocated when the model's own context is longer
@@ -143,14 +143,7 @@ class ChatSession:
         self.model, self.tokenizer, self.config = model, tokenizer, generation_config.ending_turns(tokenizer)
         self.seed = seed
         self.context = min(model.config.max_position_embeddings, context or DEFAULT_CONTEXT)
-        if engine is None:
-            engine = "compiled" if model.device.type == "cuda" and compiled_engine_applies(model) else "eager"
-        if engine == "compiled":
-            self.engine = CompiledEngine(model, max_seq_len=self.context)
-        elif engine == "eager":
-            self.engine = EagerEngine(model, model.new_cache(batch_size=1, max_seq_len=self.context))
-        else:
-            raise MinillamaError(f"engine={engine!r}: choose 'eager' or 'compiled'")
+        self.engine = new_engine(model, engine, self.context)
         self.system = system
         self.clear()
 
@@ -182,15 +175,14 @@ class ChatSession:
         reused = common_prefix(self.cached_ids, ids)
         if reused == len(ids):  # the cache already holds everything: re-feed the last token to get logits
             reused -= 1
-        self.messages.append({"role": "user", "content": text})
         self.cached_ids = ids[:reused]  # slots past here are about to be overwritten
+        start = first = time.perf_counter()
+        generation = reply_generation(self.model, ids, self.config, self.engine, reused, generator=self.generator,
+                                      tokenizer=self.tokenizer, stop_at_context=True)
+        self.messages.append({"role": "user", "content": text})
 
         stream = self.tokenizer.stream_decoder(skip_special_tokens=True)
-        generation = generate(self.model, ids[reused:], self.config, engine=self.engine, input_pos=reused,
-                              generator=self.generator, tokenizer=self.tokenizer, history=ids[:reused],
-                              stop_at_context=True)
         pieces: list[str] = []
-        start = first = time.perf_counter()
         try:
             for token in generation:
                 if len(generation.tokens[0]) == 1:
@@ -273,6 +265,46 @@ class ChatSession:
         self.clear()
         self.system = data.get("system") if isinstance(data.get("system"), str) else self.system
         self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def new_engine(model: torch.nn.Module, kind: str | None, max_seq_len: int):
+    """An engine with an empty KV cache of max_seq_len slots: "eager", "compiled", or None (compiled on a GPU
+    where it applies, eager elsewhere)."""
+    if kind is None:
+        kind = "compiled" if model.device.type == "cuda" and compiled_engine_applies(model) else "eager"
+    if kind == "compiled":
+        return CompiledEngine(model, max_seq_len=max_seq_len)
+    if kind == "eager":
+        return EagerEngine(model, model.new_cache(batch_size=1, max_seq_len=max_seq_len))
+    raise MinillamaError(f"engine={kind!r}: choose 'eager' or 'compiled'")
+
+
+def reply_generation(model: torch.nn.Module, ids: list[int], config: GenerationConfig, engine, reused: int = 0,
+                     **kwargs) -> Generation:
+    """The reply to a rendered conversation `ids` whose first `reused` tokens are in `engine`'s cache: the rest
+    but the last token is prefilled here, and generate() runs from that last one, so that the repetition penalty
+    counts what `penalty_history` keeps (generate() counts every token it is given). kwargs go to generate()."""
+    vocab = model.config.vocab_size
+    if max(ids) >= vocab:  # generate() checks only the ids it is given
+        raise MinillamaError(f"token id {max(ids)} is outside the model's vocabulary (0..{vocab - 1}); "
+                             "the tokenizer and the weights do not belong together")
+    context = min(model.config.max_position_embeddings, engine.max_seq_len)
+    if len(ids) >= context:
+        raise MinillamaError(f"the prompt is {len(ids)} tokens, which exceeds the context of {context} tokens "
+                             "(no room for a reply); shorten the prompt")
+    if len(ids) - reused > 1:
+        engine.forward(torch.tensor([ids[reused:-1]], device=model.device), reused)
+    return generate(model, ids[-1:], config, engine=engine, input_pos=len(ids) - 1,
+                    history=penalty_history(ids[:-1], config.eos_token_id), **kwargs)
+
+
+def penalty_history(ids: list[int], end_of_turn: list[int]) -> list[int]:
+    """What the repetition penalty counts of the conversation before a reply: every token but the end-of-turn
+    ids. The rendered conversation holds one after every message, and penalizing it keeps replies from ending:
+    on the default model, 14 of 20 replies ended by themselves with a penalty of 1.15 counting it, 18 of 20
+    sparing it (docs/defaults.md)."""
+    spared = set(end_of_turn)
+    return [i for i in ids if i not in spared]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -21,7 +21,6 @@ import torch
 import minillama
 from minillama.chat import CHAT_SAMPLING, ChatSession, chat_generation_config
 from minillama.generation import GenerationConfig
-from minillama.sampling import make_generator
 from minillama.tokenizer import load_tokenizer
 
 CLI = [sys.executable, "-m", "minillama"]
@@ -195,17 +194,15 @@ def test_generate_says_a_stop_string_ended_it(chat_model):
 
 
 def test_chat_defaults_when_the_model_sets_no_sampling(unsampled_model, chat_model):
-    """A model file without sampling settings gets llama.cpp's and ollama's defaults in `generate` (seeded:
-    the same tokens as the library with those settings); --help names them; the model file's own values win."""
+    """A model file without sampling settings gets the chat defaults in `generate` (seeded: the same tokens as a
+    chat's first turn with those settings); --help names them; the model file's own values win."""
     config, sources = chat_generation_config(unsampled_model, {"max_new_tokens": 8})
     assert {k: getattr(config, k) for k in CHAT_SAMPLING} == CHAT_SAMPLING
     assert sources["temperature"] == "chat default" and sources["max_new_tokens"] == "flag"
     r = run_cli("generate", str(unsampled_model), "--prompt", "Name a color", "--seed", "3", "-n", "8")
     assert r.returncode == 0, r.stderr
     model, tok = minillama.load_model(unsampled_model, device="cpu"), load_tokenizer(unsampled_model)
-    ids = tok.apply_chat_template([{"role": "user", "content": "Name a color"}], tokenize=True)
-    tokens = minillama.generate(model, ids, config.ending_turns(tok), generator=make_generator("cpu", 3))
-    assert r.stdout == tok.decode(list(tokens), skip_special_tokens=True) + "\n"
+    assert r.stdout == "".join(ChatSession(model, tok, config, seed=3).send("Name a color")) + "\n"
     # minillama.generate itself stays transformers-like: greedy when the model file says nothing
     assert model.generation_config.is_greedy
     # the model file's values win over the chat defaults; what it leaves out comes from them

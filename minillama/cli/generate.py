@@ -54,8 +54,7 @@ def note_context_limit(loaded, prompt_tokens: int, max_new_tokens: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from minillama.chat import STOP_INTERRUPTED, TurnStats
-    from minillama.generation import generate
+    from minillama.chat import STOP_INTERRUPTED, TurnStats, new_engine, reply_generation
     from minillama.intervene import steering
 
     if args.raw and args.system:
@@ -69,14 +68,19 @@ def run(args: argparse.Namespace) -> int:
     note_context_limit(loaded, len(ids), config.max_new_tokens)
     if loaded.engine == "compiled":
         eprint("minillama: compiling the decode step (it can take a minute; --no-compile skips it)...")
-    # A length past the context is capped at it, as llama-cli and ollama do (a prompt that does not fit is an error)
-    generation = generate(loaded.model, ids, config, generator=make_generator(loaded.model.device, args.seed),
-                          tokenizer=tok, stop_strings=args.stop, engine=loaded.engine, stop_at_context=True)
+    context = loaded.model.config.max_position_embeddings
+    engine = new_engine(loaded.model, loaded.engine, min(context, len(ids) + config.max_new_tokens))
     stream, trimmer = tok.stream_decoder(skip_special_tokens=True), StopTrimmer(args.stop)
     start = time.perf_counter()
     first = None
+    generation = None
     try:
         with steering(loaded.model, args.steer):
+            # As a chat's first turn (the same penalty history); a length past the context is capped at it, as
+            # llama-cli and ollama do (a prompt that does not fit is an error)
+            generation = reply_generation(loaded.model, ids, config, engine, tokenizer=tok, stop_strings=args.stop,
+                                          generator=make_generator(loaded.model.device, args.seed),
+                                          stop_at_context=True)
             for token in generation:
                 first = first or time.perf_counter()
                 print(trimmer.push(stream.push(token)), end="", flush=True)
@@ -84,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # stopped by Ctrl-C: still say what was made and why it ended
         print(flush=True)
     end = time.perf_counter()
+    if generation is None:  # Ctrl-C during the prefill
+        return 130
     n = len(generation.tokens[0])
     first = first or end
     eprint(TurnStats(len(ids), first - start, n, end - first, generation.stop_reason or STOP_INTERRUPTED,
