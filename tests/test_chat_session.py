@@ -88,3 +88,31 @@ def test_make_room_drops_only_what_the_new_message_needs(chat_model):
     with pytest.raises(ContextFull, match="this message alone needs .* shorten it or raise --context") as e:
         session.make_room("word " * 200)
     assert e.value.alone
+
+
+def test_the_repetition_penalty_spares_the_end_of_turn_ids(chat_model, monkeypatch):
+    """The rendered conversation holds an end-of-turn token after every message; a penalty counting them kept
+    the default model's replies from ending (docs/defaults.md). What the penalty counts is the conversation
+    without them, and the reply; the cache still holds every token."""
+    import minillama.chat as chat
+
+    model, tokenizer = minillama.load_model(chat_model, device="cpu"), load_tokenizer(chat_model)
+    config = GenerationConfig.from_model_dir(chat_model).updated(do_sample=False, max_new_tokens=4,
+                                                                 repetition_penalty=1.3)
+    session = ChatSession(model, tokenizer, config, system="Be kind.", context=512)
+    calls = []
+
+    def spy(model, input_ids, config, **kwargs):
+        calls.append((list(input_ids), list(kwargs["history"]), kwargs["input_pos"]))
+        return minillama.generate(model, input_ids, config, **kwargs)
+
+    monkeypatch.setattr(chat, "generate", spy)
+    for text in ("Hello!", "And rivers?"):
+        ids = session.prompt_ids(text)
+        "".join(session.send(text))
+        input_ids, history, input_pos = calls[-1]
+        end_of_turn = set(session.config.eos_token_id)
+        assert input_ids == ids[-1:] and input_pos == len(ids) - 1
+        assert history == [i for i in ids[:-1] if i not in end_of_turn]
+        assert end_of_turn & set(ids[:-1])  # the rendered prompt does hold them
+        assert session.cached_ids[:len(ids)] == ids
