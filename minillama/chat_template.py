@@ -170,6 +170,8 @@ class ChatTemplate:
         self._compiled: dict[str, jinja2.Template] = {}
         env = make_environment()
         for name, text in named.items():
+            if not isinstance(name, str):  # a list mixing 1 and "tool_use" broke sorting the names later
+                raise MinillamaError(f"chat template names in {source} must be strings, got {str(name)[:40]}")
             if not isinstance(text, str):
                 raise MinillamaError(f"chat template {name!r} in {source} is a {type(text).__name__}, not a string")
             label = source if len(named) == 1 else f"{source} ({name})"

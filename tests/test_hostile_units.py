@@ -497,3 +497,13 @@ def test_numbers_past_any_range_name_their_field(chat_model, tmp_path):
         assert "0" * 50 not in str(e.value)  # the number is cut short, the line stays one line
         with pytest.raises(MinillamaError, match=f"field '{field}'"):
             minillama.load_model(bad)
+
+
+def test_a_template_list_with_names_that_are_not_strings_is_one_line():
+    """A chat_template list whose names mix integers and strings, without a "default": sorting the names for
+    the message raised TypeError ('<' not supported between 'str' and 'int')."""
+    from minillama.chat_template import load_chat_template
+
+    value = [{"name": 1, "template": "{{ messages }}"}, {"name": "tool_use", "template": "{{ messages }}"}]
+    with pytest.raises(MinillamaError, match="chat template names in tokenizer_config.json must be strings, got 1"):
+        load_chat_template(Path("/nonexistent"), {"chat_template": value}).pick()
