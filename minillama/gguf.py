@@ -220,6 +220,9 @@ def llama3_scaling_from_factors(freqs: torch.Tensor, theta: float, head_dim: int
     original context 8192, so we try those with the largest divisor as the factor, and insist they
     reproduce the tensor exactly rather than guess.
     """
+    if freqs.shape != (head_dim // 2,):  # an empty one had no max()
+        raise MinillamaError(f"{path}: rope_freqs has shape {tuple(freqs.shape)}, not ({head_dim // 2},) (one per "
+                             "frequency of a head); the file is damaged or uses a RoPE variant minillama lacks")
     factor = float(freqs.max())
     params = {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 8192}

@@ -155,6 +155,10 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
     with pytest.raises(MinillamaError, match="rope_freqs does not match"):
         convert_gguf(write_gguf(hf_dir, tmp_path / "bad.gguf", rope_freqs=freqs * 1.5), tmp_path / "out2",
                      progress=False)
+    for n in (0, 3):  # an empty rope_freqs ended in torch's RuntimeError (max of an empty tensor)
+        with pytest.raises(MinillamaError, match=rf"rope_freqs has shape \({n},\), not \(8,\)"):
+            convert_gguf(write_gguf(hf_dir, tmp_path / f"empty{n}.gguf", rope_freqs=freqs[:n]), tmp_path / "out3",
+                         progress=False)
 
 
 @pytest.mark.parametrize("case, message", [
