@@ -120,6 +120,10 @@ def check_output_file(path: str | Path, force: bool = False) -> Path:
         raise MinillamaError(f"{path} exists; pass --force to overwrite it")
     if not os.access(parent, os.W_OK):
         raise MinillamaError(f"{parent}: not writable; choose another path")
+    try:  # a folder root may "write" that refuses files all the same (/proc, /sys): try it
+        os.unlink(partial_path(path))
+    except OSError as e:
+        raise MinillamaError(f"{parent}: cannot create files there ({e.strerror}); choose another path") from None
     return path
 
 

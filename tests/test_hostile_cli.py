@@ -167,6 +167,8 @@ def test_piped_prompt_is_the_same_prompt_as_the_flag(chat_model):
 def test_output_paths_that_cannot_be_written(chat_model, tiny_gguf, tmp_path):
     r = run("convert-gguf", str(tiny_gguf), "/proc/minillama-out", timeout=MAX_SECONDS)
     r.assert_one_line_error("/proc")  # under a file, /sys, missing folders: test_hostile_units.py
+    r = run("dump", str(chat_model), "--prompt", "hi", "--out", "/proc/x.safetensors", timeout=MAX_SECONDS)
+    r.assert_one_line_error("/proc: ")  # was FileNotFoundError on its .partial file (root passes os.access)
     (tmp_path / "adir").mkdir()
     r = run("dump", str(chat_model), "--prompt", "hi", "--out", str(tmp_path / "adir"), "--force")
     r.assert_one_line_error("is a directory")

@@ -398,10 +398,12 @@ def test_output_file_checks(tmp_path):
     (tmp_path / "f").write_text("x")
     for path, fragment in ((tmp_path / "missing" / "x", "no such directory"), (tmp_path, "is a directory"),
                            (tmp_path / "f", "exists"), (tmp_path / "f" / "x", "no such directory"),
-                           ("a\0b", "NUL")):
+                           ("a\0b", "NUL"), ("/proc/x.safetensors", "/proc: (cannot create files there|not writable)"),
+                           ("/sys/x", "/sys")):  # /proc passes os.access for root, and refused the .partial file
         with pytest.raises(MinillamaError, match=fragment):
             check_output_file(path)
     assert check_output_file(tmp_path / "f", force=True) == tmp_path / "f"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # the probe leaves nothing behind
     (tmp_path / "x.partial").write_text("the user's own file")
     tmp = partial_path(tmp_path / "x")
     assert tmp != tmp_path / "x.partial" and tmp.parent == tmp_path
