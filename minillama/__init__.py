@@ -12,6 +12,7 @@ from minillama.checkpoint import load_model
 from minillama.config import LlamaConfig
 from minillama.diff import diff_against_transformers, first_divergence
 from minillama.dump import dump_activations
+from minillama.engine import Engine, Request, generate_many
 from minillama.errors import MinillamaError
 from minillama.generation import GenerationConfig, generate
 from minillama.hub import resolve_model
@@ -25,7 +26,7 @@ from minillama.pipeline import ChatPipeline
 from minillama.pipeline import pipeline as pipeline  # noqa: PLC0414  (the function; the module stays importable)
 from minillama.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["ChatPipeline", "GenerationConfig", "KVCache", "LlamaConfig", "LlamaForCausalLM", "MinillamaError",
+__all__ = ["ChatPipeline", "Engine", "GenerationConfig", "KVCache", "LlamaConfig", "LlamaForCausalLM", "MinillamaError",
            "Tokenizer", "capture", "diff_against_transformers", "dump_activations", "first_divergence",
            "format_lens", "generate", "inspect_model", "intervene", "load_model", "load_tokenizer", "logit_lens",
-           "patching", "pipeline", "resolve_model", "steer"]
+           "patching", "pipeline", "Request", "resolve_model", "steer", "generate_many"]

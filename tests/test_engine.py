@@ -191,11 +191,11 @@ def test_requests_that_cannot_run_are_refused_before_they_queue(long_model):
                        (dict(presence_penalty=3), "presence_penalty"), (dict(stop=["x"]), "tokenizer")]:
         with pytest.raises(MinillamaError, match=match):
             engine.submit(Request(**{"prompt": [1, 2], "max_tokens": 5, **bad}))
-    engine.submit(Request([1], max_tokens=5))
-    engine.submit(Request([2], max_tokens=5))
-    with pytest.raises(EngineFull, match="2 requests are waiting"):
+    for i in range(3):  # one takes the free slot at the next step, two wait
+        engine.submit(Request([i], max_tokens=5))
+    with pytest.raises(EngineFull, match="2 requests are waiting for one of 1 slots"):
         engine.submit(Request([3], max_tokens=5))
-    assert engine.waiting == 2 and engine.counters["refused"] == 9
+    assert engine.waiting == 3 and engine.counters["refused"] == 9
 
 
 def test_stop_strings_and_end_of_turn_with_a_real_tokenizer(chat_model):
