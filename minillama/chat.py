@@ -36,6 +36,7 @@ from minillama.generation import (STOP_CONTEXT, STOP_EOS, STOP_LENGTH, STOP_STRI
 from minillama.sampling import make_generator
 
 DEFAULT_CONTEXT = 8192  # KV cache slots allocated when the model's own context is longer
+MAX_CHARS_PER_TOKEN = 64  # far more than a token of any real text holds (a run of spaces or '=' is the longest)
 
 
 class ContextFull(MinillamaError):
@@ -262,6 +263,11 @@ class ChatSession:
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
             raise MinillamaError("not a minillama chat transcript (needs a 'messages' list of role/content)")
+        most = self.context * MAX_CHARS_PER_TOKEN  # more characters than this cannot fit: not worth tokenizing
+        for i, m in enumerate(messages):
+            if len(m["content"]) > most:
+                raise MinillamaError(f"message {i + 1} of the transcript holds {len(m['content']):,} characters, "
+                                     f"far more than the {self.context}-token context holds; it was not loaded")
         self.clear()
         self.system = data.get("system") if isinstance(data.get("system"), str) else self.system
         self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]

@@ -77,17 +77,16 @@ def read_text(path: str | Path, limit: int, what: str = "file") -> str:
         raise MinillamaError(f"{path}: not UTF-8 text ({one_line(e)})") from None
 
 
-def parse_json(text: str | bytes, source: str) -> Any:
-    """json.loads with every failure mode of hostile input as one line naming `source`."""
+def parse_json(text: str | bytes, source: str, fix: str = "re-download or fix the file") -> Any:
+    """json.loads with every failure mode of hostile input as one line naming `source`, ending with `fix`."""
     try:
         return json.loads(text)
     except RecursionError:
-        raise MinillamaError(f"{source}: JSON nested too deeply to be a real file; re-download or fix it") from None
+        raise MinillamaError(f"{source}: JSON nested too deeply to be a real file; {fix}") from None
     except MemoryError:
-        raise MinillamaError(f"{source}: JSON too large to parse; re-download or fix it") from None
+        raise MinillamaError(f"{source}: JSON too large to parse; {fix}") from None
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and the 4,300-digit integer limit
-        raise MinillamaError(f"{source}: not valid JSON ({one_line(e)[:200]}); re-download or fix the file"
-                             ) from None
+        raise MinillamaError(f"{source}: not valid JSON ({one_line(e)[:200]}); {fix}") from None
 
 
 def read_json(path: str | Path, limit: int = JSON_LIMIT, what: str = "JSON file") -> Any:

@@ -93,6 +93,7 @@ def test_saved_transcript_reloads(chat_model, tmp_path):
     r = run_cli("chat", str(chat_model), "--greedy", "-n", "6", "--load", str(transcript),
                 stdin=f"second question\n/save {again}\n")
     assert r.returncode == 0, r.stderr
+    assert f"[loaded 2 messages from {transcript}]" in r.stderr  # --load says so, as /load does
     messages = json.loads(again.read_text())["messages"]
     assert messages[:2] == saved["messages"] and messages[2]["content"] == "second question"
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temp file behind

@@ -392,6 +392,38 @@ def test_save_does_not_replace_a_file_that_is_not_a_transcript(tmp_path):
     check_save_target(tmp_path / "new.json")
 
 
+
+def test_transcripts_are_bounded_before_they_are_parsed_or_tokenized(chat_model, tmp_path):
+    """/load of 10**6 messages peaked at 5.2 GB, one 20 MB message at 2.9 GB: the file's size and message count
+    are checked before parsing, each message against the context before tokenizing, and a refused transcript
+    leaves the conversation as it was. Bad JSON says what the file should be, not "re-download"."""
+    import minillama
+    from minillama.chat import ChatSession
+    from minillama.cli.chat import MAX_TRANSCRIPT_MESSAGES, TRANSCRIPT_LIMIT, read_transcript
+
+    many = tmp_path / "many.json"
+    many.write_text(json.dumps({"messages": [{"role": "user", "content": ""}] * (MAX_TRANSCRIPT_MESSAGES + 1)}))
+    assert many.stat().st_size < TRANSCRIPT_LIMIT
+    with pytest.raises(MinillamaError, match="more than 100,000 messages"):
+        read_transcript(str(many))
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"messages": [{"role": "user", "content": "x" * TRANSCRIPT_LIMIT}]}))
+    with pytest.raises(MinillamaError, match="is more than any real transcript"):
+        read_transcript(str(big))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(MinillamaError, match="is it a conversation saved with /save") as e:
+        read_transcript(str(bad))
+    assert "re-download" not in str(e.value)
+
+    session = ChatSession(minillama.load_model(chat_model, device="cpu"), load_tokenizer(chat_model),
+                          minillama.GenerationConfig(max_new_tokens=2), context=64)
+    session.messages = [{"role": "user", "content": "kept"}, {"role": "assistant", "content": "yes"}]
+    long = {"messages": [{"role": "user", "content": "word " * (64 * 64)}]}
+    with pytest.raises(MinillamaError, match="message 1 of the transcript holds 20,480 characters, far more"):
+        session.load_transcript(long)
+    assert session.messages[0]["content"] == "kept"
+
 # ---- 8. Output paths and leftovers -----------------------------------------------------------------------
 
 def test_output_file_checks(tmp_path):

@@ -21,10 +21,12 @@ from pathlib import Path
 from minillama import quant
 from minillama.cli.common import add_model_args, add_sampling_args, add_steer_args, eprint, load_all
 from minillama.errors import MinillamaError
-from minillama.files import read_json, read_json_object
+from minillama.files import parse_json, read_bytes, read_json
 
 TRANSCRIPT_FORMAT = "minillama-chat/1"
 MAX_LINE_CHARS = 16 * 1024**2  # one input line from a pipe; a terminal's lines are far shorter
+TRANSCRIPT_LIMIT = 8 * 1024**2  # bytes of a saved chat: a whole 128K-token context is ~0.5 MB of text
+MAX_TRANSCRIPT_MESSAGES = 100_000  # a message takes at least ~5 tokens of template: more fit no context
 
 HELP = """commands:
   /help          this list
@@ -75,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
                           seed=args.seed, context=args.context, engine=loaded.engine)
     if args.load:
         session.load_transcript(read_transcript(args.load))
+        eprint(f"[loaded {len(session.messages)} messages from {args.load}]")
     if loaded.engine == "compiled":  # compile now, not in the middle of the first reply
         eprint("minillama: compiling the decode step (once per session; it can take a minute; "
                "--no-compile skips it)...")
@@ -115,8 +118,22 @@ def setup_line_editing() -> bool:
 
 
 def read_transcript(path: str) -> dict:
-    """A saved chat (regular file, size-limited, any JSON problem one line), lone surrogates replaced."""
-    data = read_json_object(Path(path).expanduser())
+    """A saved chat (regular file, size-limited, any JSON problem one line), lone surrogates replaced.
+
+    Its size and its number of messages are bounded before it is parsed: a transcript of 10**6 messages took
+    5 GB to load. (What a message may hold is bounded by the context: `ChatSession.load_transcript`.)"""
+    path = Path(path).expanduser()
+    raw = read_bytes(path, TRANSCRIPT_LIMIT, "transcript")
+    fix = "is it a conversation saved with /save?"
+    if raw.count(b'"role"') > MAX_TRANSCRIPT_MESSAGES:
+        raise MinillamaError(f"{path}: more than {MAX_TRANSCRIPT_MESSAGES:,} messages, more than any context "
+                             f"holds; {fix}")
+    data = parse_json(raw, str(path), fix)
+    if not isinstance(data, dict):
+        raise MinillamaError(f"{path}: expected a JSON object, got {type(data).__name__}; {fix}")
+    messages = data.get("messages")
+    if isinstance(messages, list) and len(messages) > MAX_TRANSCRIPT_MESSAGES:  # "role" written with escapes
+        raise MinillamaError(f"{path}: {len(messages):,} messages, more than any context holds; {fix}")
     return json.loads(clean_text(json.dumps(data, ensure_ascii=False)))
 
 
