@@ -85,7 +85,6 @@ def create_app(state: ServerState) -> FastAPI:
                      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
     tpot = Histogram("minillama_time_per_output_token_seconds", "time per token after the first", registry=registry,
                      buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5))
-    logprobs = Logprobs(None)
 
     def observe(handles: list[Handle]) -> None:
         for h in handles:
@@ -116,8 +115,6 @@ def create_app(state: ServerState) -> FastAPI:
         if state.engine is None:
             raise APIError(503, "the model is still loading; retry shortly", type="server_error",
                            code="model_loading", headers={"Retry-After": "5"})
-        nonlocal logprobs
-        logprobs.tokenizer = state.tokenizer
         return state.engine
 
     async def read_json(request: Request) -> Any:
@@ -239,7 +236,7 @@ def create_app(state: ServerState) -> FastAPI:
         requests = engine_requests(r, prompt, engine.max_seq_len, engine.vocab_size, max_tokens, n_logprobs,
                                    "messages")
         handles, events = await run(engine, requests, request, r.stream)
-        id_, created = new_id("chatcmpl"), now()
+        id_, created, logprobs = new_id("chatcmpl"), now(), Logprobs(state.tokenizer)
         if not r.stream:
             choices = [{"index": i, "message": {"role": "assistant", "content": h.text},
                         "logprobs": {"content": [logprobs.chat_entry(p) for p in visible(h)]} if r.logprobs else None,
@@ -283,7 +280,7 @@ def create_app(state: ServerState) -> FastAPI:
         requests = engine_requests(r, prompt, engine.max_seq_len, engine.vocab_size, r.max_tokens, r.logprobs,
                                    "prompt")
         handles, events = await run(engine, requests, request, r.stream)
-        id_, created = new_id("cmpl"), now()
+        id_, created, logprobs = new_id("cmpl"), now(), Logprobs(state.tokenizer)
         if not r.stream:
             choices = [{"index": i, "text": h.text, "finish_reason": finish_reason(h.finish_reason),
                         "logprobs": logprobs.completion_entries(visible(h), 0) if r.logprobs is not None else None}

@@ -185,3 +185,24 @@ def test_threads_flag_sets_torchs_threads(chat_model, capsys):
     assert "--threads must be at least 1, got 0" in capsys.readouterr().err
     for tool in ("chat", "generate", "serve", "dump", "diff", "lens", "patch"):
         assert "--threads" in build_parser()._subparsers._group_actions[0].choices[tool].format_help()
+
+
+def test_default_threads_are_the_idle_cores(chat_model, monkeypatch, capsys):
+    import torch
+
+    from minillama import threads
+
+    cores = threads.usable_cores()
+    assert threads.default_threads(idle=0.3) == 1 and threads.default_threads(idle=cores + 5) == cores
+    assert threads.default_threads(idle=1.6) == min(2, cores)
+    idle = threads.idle_cores(0.05)
+    assert idle is None or 0 <= idle <= (threads.os.cpu_count() or 1) + 1e-9
+    monkeypatch.setattr(threads, "idle_cores", lambda sample_s=0.1: 0.0)  # every core busy
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", str(chat_model), "--prompt", "Hi", "-n", "2"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "1 thread (other programs keep 1 of 2 cores busy; --threads N to choose)" in capsys.readouterr().err

@@ -47,14 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from minillama.cli.common import tensor_parallel_session
 
-    threads = getattr(args, "threads", None)
-    if threads is not None:
-        if threads < 1:
-            print(f"minillama: error: --threads must be at least 1, got {threads}", file=sys.stderr)
+    if hasattr(args, "threads"):  # a subcommand that runs a model: --threads, or the cores idle right now
+        if args.threads is not None and args.threads < 1:
+            print(f"minillama: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
             return 2
-        import torch
-
-        torch.set_num_threads(threads)
+        set_threads(args.threads)
     try:
         with tensor_parallel_session(args):  # under torchrun: one rank of a tensor-parallel model
             return args.func(args) or 0
@@ -66,6 +63,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return closed_pipe()
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's thread count: `threads`, or one per idle core (minillama/threads.py), said in one line when that
+    is fewer than the cores."""
+    import torch
+
+    from minillama.threads import default_threads, usable_cores
+
+    if threads is None:
+        threads = default_threads()
+        if threads < usable_cores():
+            print(f"minillama: {threads} thread{'s' if threads > 1 else ''} (other programs keep "
+                  f"{usable_cores() - threads} of {usable_cores()} cores busy; --threads N to choose)", file=sys.stderr)
+    torch.set_num_threads(threads)
 
 
 def closed_pipe() -> int:

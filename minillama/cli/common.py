@@ -33,8 +33,8 @@ def add_model_args(p: argparse.ArgumentParser, dtype: str | None = None) -> None
                         "a --dtype without --quantize also gives float weights")
     p.add_argument("--group-size", type=int, help="int4 group size: 32 (default), 64 or 128; for int8, one scale "
                                                   "per group instead of one per output channel")
-    p.add_argument("--threads", "-t", type=int, help="CPU threads for torch's kernels (default: torch's choice, one "
-                                                     "per core); fewer when other programs keep the cores busy")
+    p.add_argument("--threads", "-t", type=int, help="CPU threads for torch's kernels (default: one per core that "
+                                                     "is idle at start, so a busy machine does not stall every step)")
     add_tp_arg(p)
 
 
@@ -247,8 +247,9 @@ def load_all(args: argparse.Namespace) -> Loaded:
     """
     import time
 
-    from minillama.chat import chat_generation_config
+    from minillama.chat import FROM_CAPPED, chat_generation_config
     from minillama.checkpoint import load_model, resolve_device
+    from minillama.generation import GenerationConfig
     from minillama.config import LlamaConfig
     from minillama.sampling import check_seed
     from minillama.tokenizer import load_tokenizer
@@ -260,6 +261,10 @@ def load_all(args: argparse.Namespace) -> Loaded:
     path = resolve_model_arg(args, quantized=runs_default_quantized(args, device))
     engine = engine_choice(args, device, LlamaConfig.from_file(path).rope_type)
     generation_config, sources = chat_generation_config(path, sampling_overrides(args))
+    if sources["max_new_tokens"] == FROM_CAPPED:
+        asked = GenerationConfig.from_model_dir(path).max_new_tokens
+        eprint(f"minillama: the model's generation_config.json asks for max_new_tokens {asked:,}; using "
+               f"{generation_config.max_new_tokens:,} (--max-new-tokens N gives more)")
     tokenizer = load_tokenizer(path)
     start = time.perf_counter()
     # The eager engine on a CPU runs fastest on oneDNN-packed weights (the compiled one needs plain ones).
