@@ -33,9 +33,11 @@ from minillama.errors import MinillamaError, read_json_object
 from minillama.fast import CompiledEngine, compiled_engine_applies
 from minillama.generation import (STOP_CONTEXT, STOP_EOS, STOP_LENGTH, STOP_STRING, EagerEngine, Generation,
                                   GenerationConfig, generate)
+from minillama.memory import available_bytes
 from minillama.sampling import make_generator
 
 DEFAULT_CONTEXT = 8192  # KV cache slots allocated when the model's own context is longer
+CACHE_SHARE = 0.25  # of the free memory, the most a chat's KV cache takes unless told (--context)
 MAX_CHARS_PER_TOKEN = 64  # far more than a token of any real text holds (a run of spaces or '=' is the longest)
 
 
@@ -54,8 +56,12 @@ class ContextFull(MinillamaError):
 # generation_config.json leaves out: transformers' fallback there is greedy decoding, which loops on small models.
 CHAT_SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
 FROM_FLAG, FROM_MODEL, FROM_CHAT_DEFAULT, FROM_DEFAULT = "flag", "model file", "chat default", "default"
+FROM_CAPPED = "capped"  # the model file asked for more than FILE_MAX_NEW_TOKENS
 SOURCE_TEXT = {FROM_FLAG: "from flags", FROM_MODEL: "from the model's generation_config.json",
-               FROM_CHAT_DEFAULT: "chat defaults, as in llama.cpp and ollama", FROM_DEFAULT: "defaults"}
+               FROM_CHAT_DEFAULT: "chat defaults, as in llama.cpp and ollama", FROM_DEFAULT: "defaults",
+               FROM_CAPPED: "the model file asks for more; --max-new-tokens gives more"}
+# The most max_new_tokens a model file sets without the user asking: a file's 16M sized a cache of gigabytes.
+FILE_MAX_NEW_TOKENS = 4096
 SHOWN = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
 
 
@@ -70,9 +76,13 @@ def chat_generation_config(model_dir: str | Path, overrides: dict[str, Any] | No
     sources = {k: FROM_MODEL if k in in_file else FROM_DEFAULT for k in ("do_sample", *SHOWN)}
     chat = {k: v for k, v in CHAT_SAMPLING.items() if k not in in_file}
     sources.update(dict.fromkeys(chat, FROM_CHAT_DEFAULT))
+    model = GenerationConfig.from_model_dir(model_dir)
+    if model.max_new_tokens > FILE_MAX_NEW_TOKENS:
+        chat["max_new_tokens"] = FILE_MAX_NEW_TOKENS
+        sources["max_new_tokens"] = FROM_CAPPED
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     sources.update(dict.fromkeys(given, FROM_FLAG))
-    return GenerationConfig.from_model_dir(model_dir).updated(**chat).updated(**given), sources
+    return model.updated(**chat).updated(**given), sources
 
 
 def describe_sampling(config: GenerationConfig, sources: dict[str, str]) -> str:
@@ -143,7 +153,11 @@ class ChatSession:
                  engine: str | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, generation_config.ending_turns(tokenizer)
         self.seed = seed
-        self.context = min(model.config.max_position_embeddings, context or DEFAULT_CONTEXT)
+        self.context_note = None  # why the context is shorter than DEFAULT_CONTEXT, when memory decided it
+        if context is None:
+            self.context, self.context_note = default_context(model)
+        else:
+            self.context = min(model.config.max_position_embeddings, context)
         self.engine = new_engine(model, engine, self.context)
         self.system = system
         self.clear()
@@ -271,6 +285,22 @@ class ChatSession:
         self.clear()
         self.system = data.get("system") if isinstance(data.get("system"), str) else self.system
         self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def default_context(model: torch.nn.Module) -> tuple[int, str | None]:
+    """The context a chat allocates unless told (--context): the model's, at most DEFAULT_CONTEXT, and at most
+    what a quarter of the device's free memory holds (the cache is allocated up front: 8192 positions of a model
+    with 512 KiB of keys and values per token are 4 GiB). Returns it and, when memory cut it, a line saying so."""
+    c = model.config
+    context = min(c.max_position_embeddings, DEFAULT_CONTEXT)
+    kv_heads = model.model.layers[0].self_attn.num_key_value_heads  # this rank's, under tensor parallelism
+    per_token = 2 * c.num_hidden_layers * kv_heads * c.head_dim * model.dtype.itemsize
+    free = available_bytes(model.device)
+    if free is None or context * per_token <= free * CACHE_SHARE:
+        return context, None
+    fits = max(int(free * CACHE_SHARE) // per_token, 2)
+    return fits, (f"context {fits:,} tokens, not {context:,}: a longer KV cache would take more than a quarter of "
+                  f"the {free / 1024**3:.1f} GiB free; --context N asks for more")
 
 
 def new_engine(model: torch.nn.Module, kind: str | None, max_seq_len: int):

@@ -116,3 +116,23 @@ def test_the_repetition_penalty_spares_the_end_of_turn_ids(chat_model, monkeypat
         assert history == [i for i in ids[:-1] if i not in end_of_turn]
         assert end_of_turn & set(ids[:-1])  # the rendered prompt does hold them
         assert session.cached_ids[:len(ids)] == ids
+
+
+def test_default_context_fits_a_quarter_of_free_memory(chat_model, monkeypatch, capsys):
+    """The chat's KV cache is allocated up front: unless --context says otherwise it takes at most a quarter of
+    the free memory (a model with 512 KiB per token took 4 GiB for 8192 positions), and the chat says so."""
+    import minillama.chat as chat
+    from minillama.cli import main
+
+    model = minillama.load_model(chat_model, device="cpu")
+    c = model.config
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4  # float32 keys and values
+    assert ChatSession(model, load_tokenizer(chat_model), GenerationConfig()).context == 4096  # the model's own
+    monkeypatch.setattr(chat, "available_bytes", lambda device=None: 4 * 1000 * per_token)
+    session = ChatSession(model, load_tokenizer(chat_model), GenerationConfig())
+    assert session.context == 1000 and session.engine.max_seq_len == 1000
+    assert "context 1,000 tokens, not 4,096" in session.context_note and "--context N" in session.context_note
+    assert ChatSession(model, load_tokenizer(chat_model), GenerationConfig(), context=3000).context == 3000
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO(""))
+    assert main(["chat", str(chat_model), "-n", "2"]) == 0
+    assert "minillama: context 1,000 tokens, not 4,096" in capsys.readouterr().err

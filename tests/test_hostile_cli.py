@@ -52,12 +52,22 @@ def test_gguf_array_count_2_62_is_refused_at_once(tmp_path):
 # ---- 2. Memory sized by the model's files ------------------------------------------------------------
 
 def test_kv_cache_larger_than_memory_is_one_line(chat_model, tmp_path):
-    """A 16M-token context and max_new_tokens of 16M: refused before the cache is allocated."""
+    """A 16M-token context and a model file asking for max_new_tokens 16M: the file's length is capped (with a
+    note) and the run stays small; the user asking for 16M is refused before the cache is allocated."""
     model = clone(chat_model, tmp_path / "m",
                   **{"config.json": edited_json(chat_model / "config.json", max_position_embeddings=16_777_216),
                      "generation_config.json": json.dumps({"max_new_tokens": 16_000_000})})
-    r = run("generate", str(model), "-p", "hi", "--device", "cpu", timeout=MAX_SECONDS)
-    r.assert_one_line_error("KV cache of", "GiB available", "max-new-tokens")
+    from minillama.chat import chat_generation_config
+
+    config, sources = chat_generation_config(model)
+    assert config.max_new_tokens == 4096 and sources["max_new_tokens"] == "capped"  # generate: prompt + 4096 slots
+    r = run("chat", str(model), "--device", "cpu", stdin=b"", timeout=MAX_SECONDS)  # loads, then no message
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "asks for max_new_tokens 16,000,000; using 4,096 (--max-new-tokens N gives more)" in r.stderr
+    assert r.peak_mb < 1500, r.peak_mb
+    r = run("generate", str(model), "-p", "hi", "--device", "cpu", "-n", "16000000", timeout=MAX_SECONDS)
+    assert "KV cache of" in r.stderr and "GiB available" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2
 
 
 def test_tokenizer_padding_to_10_8_is_ignored(chat_model, tmp_path):

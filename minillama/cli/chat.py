@@ -52,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_steer_args(p)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--context", type=int, help="most tokens the conversation may hold (default: the model's, "
-                                               "at most 8192)")
+                                               "at most 8192, and at most what a quarter of the free memory holds)")
     p.add_argument("--load", metavar="FILE", help="continue a conversation saved with /save")
     p.add_argument("--drop-oldest", action="store_true",
                    help="when the context is full, forget the oldest turns (not the system prompt) to make room, "
@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
                              "use minillama generate --raw to continue plain text")
     session = ChatSession(loaded.model, loaded.tokenizer, loaded.generation_config, system=system,
                           seed=args.seed, context=args.context, engine=loaded.engine)
+    if session.context_note:
+        eprint(f"minillama: {session.context_note}")
     if args.load:
         session.load_transcript(read_transcript(args.load))
         eprint(f"[loaded {len(session.messages)} messages from {args.load}]")
