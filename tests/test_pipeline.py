@@ -115,3 +115,17 @@ def test_errors_come_before_any_text(pipe):
 def test_a_plain_string_is_one_user_message(pipe):
     assert pipe("hello", DATE, do_sample=False, max_new_tokens=5) == \
         pipe([{"role": "user", "content": "hello"}], DATE, do_sample=False, max_new_tokens=5)
+
+
+def test_the_transformers_spelling_answers_in_the_transformers_shape(chat_model_dir, pipe):
+    """The usual walkthrough's lines (`pipeline("text-generation", model=..., torch_dtype=..., device_map="auto")`,
+    then `outputs[0]["generated_text"][-1]["content"]`) run unchanged, and give the reply the plain form gives."""
+    tf = pipeline("text-generation", model=str(chat_model_dir), torch_dtype=torch.float32, device_map="auto")
+    outputs = tf(MESSAGES, max_new_tokens=8, do_sample=False)
+    assert outputs[0]["generated_text"][:-1] == MESSAGES
+    assert outputs[0]["generated_text"][-1]["role"] == "assistant"
+    assert outputs[0]["generated_text"][-1]["content"] == pipe(MESSAGES, max_new_tokens=8, do_sample=False)
+    reply_only = tf(MESSAGES, max_new_tokens=8, do_sample=False, return_full_text=False)
+    assert reply_only == [{"generated_text": outputs[0]["generated_text"][-1]["content"]}]
+    with pytest.raises(MinillamaError, match="needs model="):
+        pipeline("text-generation")
