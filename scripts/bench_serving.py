@@ -1,7 +1,8 @@
 """Serving benchmark: OpenAI-compatible servers under C concurrent streaming clients, vLLM's benchmark_serving metrics.
 
 Each server runs alone (one after another, in its own process) on the same model, prompts and settings:
-    minillama     `minillama serve` on the default model's Q4_1 weights (the CPU default)
+    minillama     `minillama serve` on the default model's Q4_1 weights (the CPU default); minillama:float32 the
+                  same model dequantized to float32 (`--dtype float32`)
     transformers  `transformers serve --continuous-batching` on the same model in float32 (it cannot run Q4_1)
     llama-server  llama.cpp's server on the same GGUF file, same slots and threads (when --llama-server PATH
                   or `llama-server` on PATH is there)
@@ -118,11 +119,12 @@ def servers(args, tmp: Path) -> dict[str, tuple[list[str], int, str, dict]]:
 
     slots, threads = str(max(args.levels)), str(args.threads)
     out = {}
-    if "minillama" in args.servers:
-        port = free_port()
-        model = args.model or "smollm2-135m-instruct"
-        out["minillama"] = ([sys.executable, "-m", "minillama", "serve", model, "--port", str(port), "--slots", slots,
-                             "--threads", threads, "--ctx", "1024"], port, Path(model).name, {})
+    model = args.model or "smollm2-135m-instruct"
+    for name, extra in (("minillama", []), ("minillama:float32", ["--dtype", "float32"])):
+        if name in args.servers:
+            port = free_port()
+            out[name] = ([sys.executable, "-m", "minillama", "serve", model, "--port", str(port), "--slots", slots,
+                          "--threads", threads, "--ctx", "1024", *extra], port, Path(model).name, {})
     if "transformers" in args.servers:
         port = free_port()
         path = args.model or str(default_model())
