@@ -165,7 +165,7 @@ def run_concurrency(args: argparse.Namespace) -> int:
           "greedy", file=sys.stderr)
     with tmp:
         records = run_concurrency(dirs, sorted(levels), args.prompt_len, args.new_tokens, args.seed, threads,
-                                  ctx=min(2048, max(args.prompt_len + args.new_tokens, 64)),
+                                  ctx=2048,  # slots of 2,048 tokens (the model's context if shorter)
                                   progress=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True),
                                   device=args.device, dtype=args.dtype, side_timeout=args.side_timeout)
     for r in records:
