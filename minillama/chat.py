@@ -9,10 +9,10 @@ When the conversation no longer fits the context, the turn is refused with a mes
 is silently dropped from the start of the conversation. `drop_oldest` and `make_room` forget the oldest
 turns (never the system prompt) when the user asks for it.
 
-Sampling: `chat_generation_config` gives a chat the defaults chat users know from llama.cpp and ollama
+Sampling: `chat_generation_config` gives a chat llama.cpp's sampling defaults and a measured repetition penalty
 (`CHAT_SAMPLING`) for every sampling setting the model's generation_config.json leaves out, and says where
-every value came from. `minillama.generate` itself keeps transformers' defaults (greedy unless the model
-file says otherwise).
+every value came from. The penalty does not count end-of-turn tokens (`penalty_history`). `minillama.generate`
+itself keeps transformers' defaults (greedy unless the model file says otherwise).
 """
 
 from __future__ import annotations
@@ -52,14 +52,19 @@ class ContextFull(MinillamaError):
 
 # ---- Sampling settings for a chat, and where each came from ------------------------------------------
 
-# What llama.cpp and ollama sample with by default. A chat uses each of them that the model's
-# generation_config.json leaves out: transformers' fallback there is greedy decoding, which loops on small models.
-CHAT_SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
-FROM_FLAG, FROM_MODEL, FROM_CHAT_DEFAULT, FROM_DEFAULT = "flag", "model file", "chat default", "default"
-FROM_CAPPED = "capped"  # the model file asked for more than FILE_MAX_NEW_TOKENS
+# What a chat samples with where the model's generation_config.json says nothing (transformers' fallback there is
+# greedy decoding, which loops on small models): llama.cpp's defaults (ollama's differ: top-p 0.9, no min-p, a
+# repeat penalty of 1.1 over the last 64 tokens), and a repetition penalty of minillama's own, chosen by measuring
+# the default model's replies (docs/defaults.md; the penalty spares end-of-turn tokens, `penalty_history`).
+LLAMA_CPP_SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+MEASURED_SAMPLING = {"repetition_penalty": 1.15}
+CHAT_SAMPLING = {**LLAMA_CPP_SAMPLING, **MEASURED_SAMPLING}
+FROM_FLAG, FROM_MODEL, FROM_LLAMA_CPP, FROM_CHAT_DEFAULT = "flag", "model file", "llama.cpp default", "chat default"
+FROM_DEFAULT, FROM_CAPPED = "default", "capped"  # capped: the model file asked for more than FILE_MAX_NEW_TOKENS
 SOURCE_TEXT = {FROM_FLAG: "from flags", FROM_MODEL: "from the model's generation_config.json",
-               FROM_CHAT_DEFAULT: "chat defaults, as in llama.cpp and ollama", FROM_DEFAULT: "defaults",
-               FROM_CAPPED: "the model file asks for more; --max-new-tokens gives more"}
+               FROM_LLAMA_CPP: "llama.cpp's defaults",
+               FROM_CHAT_DEFAULT: "minillama's chat default, measured on the default model: docs/defaults.md",
+               FROM_DEFAULT: "defaults", FROM_CAPPED: "the model file asks for more; --max-new-tokens gives more"}
 # The most max_new_tokens a model file sets without the user asking: a file's 16M sized a cache of gigabytes.
 FILE_MAX_NEW_TOKENS = 4096
 SHOWN = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
@@ -75,7 +80,7 @@ def chat_generation_config(model_dir: str | Path, overrides: dict[str, Any] | No
     in_file = {k for k, v in read_json_object(file).items() if v is not None} if file.is_file() else set()
     sources = {k: FROM_MODEL if k in in_file else FROM_DEFAULT for k in ("do_sample", *SHOWN)}
     chat = {k: v for k, v in CHAT_SAMPLING.items() if k not in in_file}
-    sources.update(dict.fromkeys(chat, FROM_CHAT_DEFAULT))
+    sources.update({k: FROM_LLAMA_CPP if k in LLAMA_CPP_SAMPLING else FROM_CHAT_DEFAULT for k in chat})
     model = GenerationConfig.from_model_dir(model_dir)
     if model.max_new_tokens > FILE_MAX_NEW_TOKENS:
         chat["max_new_tokens"] = FILE_MAX_NEW_TOKENS
@@ -131,10 +136,12 @@ class TurnStats:
     def line(self) -> str:
         """One line for the user, llama.cpp style: prompt and generation speed, context, why the reply ended."""
         prompt_rate = self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
-        decode_steps = max(self.generated_tokens - 1, 0)
-        gen_rate = decode_steps / self.generate_seconds if self.generate_seconds else 0.0
-        return (f"[prompt: {self.prompt_tokens} tokens, {prompt_rate:.1f} tok/s | "
-                f"reply: {self.generated_tokens} tokens, {gen_rate:.1f} tok/s | "
+        decode_steps = max(self.generated_tokens - 1, 0)  # the first token comes with the prefill
+        reply = f"{self.generated_tokens} token{'s' * (self.generated_tokens != 1)}"
+        if decode_steps and self.generate_seconds:  # one token has no decode speed ("0.0 tok/s" misled)
+            reply += f", {decode_steps / self.generate_seconds:.1f} tok/s"
+        return (f"[prompt: {self.prompt_tokens} token{'s' * (self.prompt_tokens != 1)}, {prompt_rate:.1f} tok/s | "
+                f"reply: {reply} | "
                 f"context: {self.context_used}/{self.context_size} | "
                 f"stopped: {why_stopped(self.stop_reason, self.max_new_tokens)}]")
 

@@ -54,7 +54,7 @@ def log_step(tokenizer: Tokenizer, step: int, scores: torch.Tensor, token: int) 
     probs = torch.softmax(scores[0].float(), dim=-1)  # (V,) what the draw uses (greedy: the argmax of it)
     top = torch.topk(probs, TOP_CANDIDATES)
     candidates = "  ".join(f"{visible(tokenizer.piece_text(int(i)))} {float(p):.1%}"
-                           for p, i in zip(top.values, top.indices))
+                           for p, i in zip(top.values, top.indices) if p > 0)  # not the tokens the filters removed
     log(f"[5 sample] step {step}: {candidates}  -> {token} {visible(tokenizer.piece_text(token))}")
 
 
@@ -90,9 +90,11 @@ def reply(model: LlamaForCausalLM, tokenizer: Tokenizer, messages: list[dict], s
     generated: list[int] = []
     text, reason = "", "length"
     for step in range(settings.max_new_tokens):
-        # 5. sample: filter the logits (repetition penalty over all ids so far; temperature, top-k,
+        # 5. sample: filter the logits (repetition penalty over all ids so far but the end-of-turn ones, which
+        #    the prompt holds after every message: penalizing them keeps replies from ending; temperature, top-k,
         #    top-p, min-p when sampling), then take the argmax or draw from the softmax with our generator.
-        scores = process_logits(logits[:, -1], torch.tensor([ids + generated], device=model.device), settings)
+        counted = [i for i in ids + generated if i not in settings.eos_token_id]
+        scores = process_logits(logits[:, -1], torch.tensor([counted], device=model.device), settings)
         token = int(greedy(scores) if settings.is_greedy else sample(scores, generator))  # (1,) -> int
         generated.append(token)
         if verbose:
@@ -117,9 +119,9 @@ def reply(model: LlamaForCausalLM, tokenizer: Tokenizer, messages: list[dict], s
         decode_s = time.perf_counter() - prefill_done
         log(f"[6 stop] {why_stopped(reason, settings.max_new_tokens)}"
             + (f": {visible(tokenizer.piece_text(generated[-1]))}" if reason == "eos" else ""))
+        log(f"[7 stream] the reply, {len(text)} characters, follows on stdout")
         log(f"[8 decode] {len(generated)} tokens in {decode_s:.3f} s ({len(generated) / max(decode_s, 1e-9):.1f} "
             f"tok/s); the KV cache holds {len(ids) + len(generated) - 1}")
-        log(f"[7 stream] the reply, {len(text)} characters, on stdout:")
     print(text if verbose else tail, flush=True)
     return text
 
@@ -136,6 +138,8 @@ def main() -> int:
                                                "(default: the model file's, else 0.95)")
     p.add_argument("--min-p", type=float, help="drop tokens below min_p x the top one's probability "
                                                "(default: the model file's, else 0.05)")
+    p.add_argument("--repeat-penalty", type=float, help="> 1 discourages tokens already in the conversation "
+                                                        "(default: the model file's, else 1.15)")
     p.add_argument("--seed", type=int, help="seed the sampler, to reproduce a reply")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="log every stage (1-8 above) to stderr, then the reply on stdout")
@@ -144,11 +148,11 @@ def main() -> int:
     args = p.parse_args()
     try:
         path = resolve_model(args.model)
-        # The model's sampling settings and end ids (generation_config.json), llama.cpp's sampling defaults
-        # for what it leaves out, the flags on top; asking for a temperature above 0 means asking to sample.
+        # The model's sampling settings and end ids (generation_config.json), the chat's defaults for what it
+        # leaves out (llama.cpp's sampling, a measured repeat penalty), the flags on top; asking for a temperature above 0 means asking to sample.
         settings, sources = chat_generation_config(path, dict(
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-            max_new_tokens=args.max_new_tokens, do_sample=None if args.temperature is None else args.temperature > 0))
+            repetition_penalty=args.repeat_penalty, max_new_tokens=args.max_new_tokens, do_sample=None if args.temperature is None else args.temperature > 0))
         tokenizer = load_tokenizer(path)
         settings = settings.ending_turns(tokenizer)  # also stop at the template's end-of-turn token
         model = load_model(path, device=args.device, dtype=args.dtype)

@@ -11,8 +11,8 @@ import os
 import re
 import subprocess
 import sys
-
 import time
+from pathlib import Path
 
 import pexpect
 import pytest
@@ -25,7 +25,7 @@ from minillama.tokenizer import load_tokenizer
 
 CLI = [sys.executable, "-m", "minillama"]
 # The stats line; groups: reply tokens, context used, context size, why the reply stopped.
-STATS = (r"\[prompt: \d+ tokens, [\d.]+ tok/s \| reply: (\d+) tokens, [\d.]+ tok/s \| "
+STATS = (r"\[prompt: \d+ tokens?, [\d.]+ tok/s \| reply: (\d+) tokens?(?:, [\d.]+ tok/s)? \| "
          r"context: (\d+)/(\d+) \| stopped: ([^\]]+)\]")
 
 
@@ -80,8 +80,8 @@ def test_greedy_reply_is_the_session_reply(chat_model):
     """The CLI prints exactly what ChatSession (and so generate) produces for the same input."""
     r = run_cli("chat", str(chat_model), "--greedy", "-n", "10", stdin="Tell me a story\n")
     model, tok = minillama.load_model(chat_model, device="cpu"), load_tokenizer(chat_model)
-    session = ChatSession(model, tok, GenerationConfig.from_model_dir(chat_model).updated(do_sample=False,
-                                                                                          max_new_tokens=10))
+    session = ChatSession(model, tok, chat_generation_config(chat_model, dict(do_sample=False, max_new_tokens=10))[0])
+    assert session.config.repetition_penalty == 1.15  # the chat default, as the CLI runs it
     assert r.stdout == "".join(session.send("Tell me a story")) + "\n"
 
 
@@ -172,7 +172,7 @@ def test_cuda_without_cuda_exits_2(chat_model):
 
 
 def test_generate_prints_only_the_completion(chat_model):
-    r = run_cli("generate", str(chat_model), "--prompt", "Name a color", "--greedy", "-n", "9")
+    r = run_cli("generate", str(chat_model), "--prompt", "Name a color", "--greedy", "-n", "9", "--repeat-penalty", "1")
     assert r.returncode == 0, r.stderr
     model, tok = minillama.load_model(chat_model, device="cpu"), load_tokenizer(chat_model)
     ids = tok.apply_chat_template([{"role": "user", "content": "Name a color"}], tokenize=True)
@@ -181,17 +181,21 @@ def test_generate_prints_only_the_completion(chat_model):
     assert r.stdout == expected + "\n"
     assert re.fullmatch(STATS + "\n", r.stderr).groups() == (  # stats on stderr only, with why it ended
         "9", str(len(ids) + 9), "4096", "length limit (9 tokens; raise it with --max-new-tokens)")
-    raw = run_cli("generate", str(chat_model), "--prompt", "Once upon", "--raw", "--greedy", "-n", "5")
+    raw = run_cli("generate", str(chat_model), "--prompt", "Once upon", "--raw", "--greedy", "-n", "5",
+                  "--repeat-penalty", "1")
     ids = tok.encode("Once upon")
     completion = minillama.generation.generate(model, ids, max_new_tokens=5, do_sample=False)
     assert raw.stdout == tok.decode(list(completion), skip_special_tokens=True) + "\n"
 
 
 def test_generate_says_a_stop_string_ended_it(chat_model):
-    """The greedy reply of the tiny model is blank lines: a stop string of one newline ends it at once."""
-    r = run_cli("generate", str(chat_model), "--prompt", "Name a color", "--greedy", "-n", "9", "--stop", "\n")
+    """The greedy reply of the tiny model without a penalty is blank lines: a stop string of one newline ends it
+    at once."""
+    r = run_cli("generate", str(chat_model), "--prompt", "Name a color", "--greedy", "-n", "9", "--stop", "\n",
+                "--repeat-penalty", "1")
     assert r.returncode == 0, r.stderr
     assert re.fullmatch(STATS + "\n", r.stderr).group(1, 4) == ("1", "stop string")
+    assert "reply: 1 token |" in r.stderr  # not "1 tokens, 0.0 tok/s": one token has no decode speed
 
 
 def test_chat_defaults_when_the_model_sets_no_sampling(unsampled_model, chat_model):
@@ -199,7 +203,8 @@ def test_chat_defaults_when_the_model_sets_no_sampling(unsampled_model, chat_mod
     chat's first turn with those settings); --help names them; the model file's own values win."""
     config, sources = chat_generation_config(unsampled_model, {"max_new_tokens": 8})
     assert {k: getattr(config, k) for k in CHAT_SAMPLING} == CHAT_SAMPLING
-    assert sources["temperature"] == "chat default" and sources["max_new_tokens"] == "flag"
+    assert sources["temperature"] == "llama.cpp default" and sources["max_new_tokens"] == "flag"
+    assert sources["repetition_penalty"] == "chat default"
     r = run_cli("generate", str(unsampled_model), "--prompt", "Name a color", "--seed", "3", "-n", "8")
     assert r.returncode == 0, r.stderr
     model, tok = minillama.load_model(unsampled_model, device="cpu"), load_tokenizer(unsampled_model)
@@ -209,9 +214,27 @@ def test_chat_defaults_when_the_model_sets_no_sampling(unsampled_model, chat_mod
     # the model file's values win over the chat defaults; what it leaves out comes from them
     config, sources = chat_generation_config(chat_model, {"temperature": None})
     assert (config.temperature, config.top_p, config.top_k, config.min_p) == (0.6, 0.9, 40, 0.05)
-    assert sources["temperature"] == sources["top_p"] == "model file" and sources["top_k"] == "chat default"
-    help_text = run_cli("chat", "--help").stdout
-    assert "temperature 0.8, top-k 40, top-p 0.95, min-p 0.05" in " ".join(help_text.split())
+    assert sources["temperature"] == sources["top_p"] == "model file" and sources["top_k"] == "llama.cpp default"
+
+
+def test_readme_help_and_banner_say_the_same_true_thing_about_defaults(unsampled_model):
+    """Where the defaults come from, said alike in the README, `--help` and the banner: llama.cpp's sampling
+    (ollama's differs: top-p 0.9, no min-p, repeat penalty 1.1 over 64 tokens, so "as in llama.cpp and ollama"
+    was wrong) and minillama's own measured repeat penalty, pointing to the measurement."""
+    from minillama.chat import LLAMA_CPP_SAMPLING, MEASURED_SAMPLING, describe_sampling
+
+    c = LLAMA_CPP_SAMPLING
+    sampling = f"temperature {c['temperature']:g}, top-k {c['top_k']}, top-p {c['top_p']:g}, min-p {c['min_p']:g}"
+    penalty = f"{MEASURED_SAMPLING['repetition_penalty']:g}"
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    helps = [" ".join(run_cli(tool, "--help").stdout.split()) for tool in ("chat", "generate")]
+    banner = describe_sampling(*chat_generation_config(unsampled_model))
+    for text in (readme, *helps):
+        assert f"llama.cpp's defaults ({sampling})" in text
+        assert f"minillama's measured repeat penalty {penalty}, which spares end-of-turn tokens" in text
+        assert "docs/defaults.md" in text and "llama.cpp and ollama" not in text and "llama.cpp's and ollama's" not in text
+    assert f"{sampling} (llama.cpp's defaults)" in banner
+    assert f"repeat-penalty {penalty} (minillama's chat default, measured on the default model: docs/defaults.md)" in banner
 
 
 def test_compile_notice_and_engines(chat_model):
@@ -271,8 +294,10 @@ def test_default_model_reaches_a_chat_prompt_and_answers(smollm2_q4_dir):
     ends at its end of turn."""
     child = spawn_chat("--greedy", "-n", "30", env={"MINILLAMA_CACHE": str(smollm2_q4_dir.parent)})
     assert str(smollm2_q4_dir) in child.before and "tokenizer_config.json" in child.before
-    assert "(float32; weights int4-g32 x210, int8-g32 x2)" in child.before  # Q4_1 layers, Q8_0 embedding + head
-    assert "sampling: greedy, max-new-tokens 30 (from flags); repeat-penalty 1 (defaults)\r\n" in child.before
+    assert ("(float32; weights: 210 matrices int4 (4-bit integers, a scale and offset per 32 weights), "
+            "2 int8 (8-bit integers, a scale per 32 weights))") in child.before  # Q4_1 layers, Q8_0 embedding + head
+    assert ("sampling: greedy, max-new-tokens 30 (from flags); repeat-penalty 1.15 (minillama's chat default, "
+            "measured on the default model: docs/defaults.md)\r\n") in child.before
     child.sendline("What is the capital of France?")
     child.expect(STATS)
     assert "Paris" in child.before and child.match.group(4) == "end of turn"
@@ -287,7 +312,8 @@ def test_tty_session_commands_multiline_paste_and_exit(chat_model, tmp_path):
     child = spawn_chat(str(chat_model), "--greedy", "-n", "5")
     assert "chat template: built-in Llama 3 format" in child.before
     # every sampling value and where it came from
-    assert "sampling: greedy, max-new-tokens 5 (from flags); repeat-penalty 1 (defaults)\r\n" in child.before
+    assert ("sampling: greedy, max-new-tokens 5 (from flags); repeat-penalty 1.15 (minillama's chat default, "
+            "measured on the default model: docs/defaults.md)\r\n") in child.before
     child.sendline("/help")
     child.expect("/clear")
     child.expect(">>> ")
@@ -357,7 +383,8 @@ def test_tty_ctrl_c_stops_the_reply_and_keeps_the_session(chat_model):
 def test_generate_ctrl_c_says_so(chat_model):
     """Ctrl-C during `minillama generate` keeps what was printed and says why it ended (exit 130)."""
     child = pexpect.spawn(CLI[0], [*CLI[1:], "generate", str(chat_model), "--prompt", "talk", "-n", "4000",
-                                   "--seed", "1"], encoding="utf-8", timeout=60, env={**os.environ, "TERM": "dumb"})
+                                   "--seed", "1", "--repeat-penalty", "1"], encoding="utf-8", timeout=60,
+                          env={**os.environ, "TERM": "dumb"})
     child.expect(r"\S")  # the completion has started
     child.sendintr()
     child.expect(STATS)
@@ -366,3 +393,24 @@ def test_generate_ctrl_c_says_so(chat_model):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 130
+
+
+@pytest.mark.slow
+def test_default_settings_end_the_default_models_replies(smollm2_q4_dir, one_thread):
+    """The chat's default settings on the default model (SmolLM2-135M-Instruct, its Q4_1 weights, as `minillama
+    chat` runs it on a CPU): of the 20 fixed prompts of tests/data/chat_prompts.json, prompt i seeded with i, at
+    least 16 (80%) end at their end of turn within the default 256 tokens. Measured (docs/defaults.md): 17 of 20
+    now; 14 of 20 with the old defaults (no repeat penalty), 13 of 20 with a penalty of 1.15 that also counted the
+    prompt's end-of-turn tokens. It decodes ~2,300 tokens: ~35 s on a quiet core, 60-140 s on this shared 2-core VM,
+    past the ~30 s budget; fewer max tokens would not help (192 still decode ~2,100) and would end fewer replies."""
+    prompts = json.loads((Path(__file__).parent / "data" / "chat_prompts.json").read_text())
+    assert len(prompts) == 20
+    model, tok = minillama.load_model(smollm2_q4_dir, pack=True), load_tokenizer(smollm2_q4_dir)
+    config, sources = chat_generation_config(smollm2_q4_dir)
+    assert {k: getattr(config, k) for k in CHAT_SAMPLING} == CHAT_SAMPLING and config.max_new_tokens == 256
+    ended = []
+    for seed, prompt in enumerate(prompts):
+        session = ChatSession(model, tok, config, seed=seed)
+        "".join(session.send(prompt))
+        ended.append(session.last_stats.stop_reason == "eos")
+    assert sum(ended) >= 16, [p for p, e in zip(prompts, ended) if not e]

@@ -140,7 +140,8 @@ def test_inspect_shows_both_sets_of_defaults_and_the_quantization(tiny_llama2, t
     assert float_report["quantization"] is None
     cli, api = float_report["chat_sampling"], float_report["generation"]
     assert cli["temperature"]["value"] == CHAT_SAMPLING["temperature"] and api["temperature"]["value"] == 1.0
-    assert cli["top_k"]["value"] == CHAT_SAMPLING["top_k"] and cli["top_k"]["from"].startswith("chat default")
+    assert cli["top_k"]["value"] == CHAT_SAMPLING["top_k"] and cli["top_k"]["from"] == "llama.cpp's defaults"
+    assert cli["repetition_penalty"]["value"] == 1.15 and "measured" in cli["repetition_penalty"]["from"]
     assert api["do_sample"]["value"] is False and cli["do_sample"]["value"] is True
 
     out = quant.save_quantized(load_model(tiny_llama2, "cpu", quantize="int4", group_size=32), tiny_llama2,

@@ -87,9 +87,9 @@ def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     manual_paste = interactive and setup_line_editing()
     if interactive:
-        weights = quant.describe(loaded.model)
+        weights = weights_in_words(loaded.model)
         eprint(f"minillama chat: {loaded.path} on {loaded.model.device} ({str(loaded.model.dtype)[6:]}"
-               f"{'; weights ' + weights if weights else ''}), loaded in {loaded.load_seconds:.1f} s; "
+               f"{'; weights: ' + weights if weights else ''}), loaded in {loaded.load_seconds:.1f} s; "
                f"context {session.context} tokens")
         eprint(f"sampling: {describe_sampling(session.config, loaded.sampling_sources)}")
         eprint(f"chat template: {loaded.tokenizer.chat_template_source}. Type /help for commands.")
@@ -103,6 +103,16 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if manual_paste:
             print("\x1b[?2004l", end="", flush=True)
+
+
+def weights_in_words(model) -> str:
+    """'210 matrices int4 (4-bit integers, a scale and offset per 32 weights), 2 int8 (...)'; '' for float weights."""
+    from collections import Counter
+
+    from minillama.model_info import format_in_words
+
+    counts = Counter(quant.formats(model).values()).most_common()
+    return ", ".join(f"{n}{' matrices' if i == 0 else ''} {format_in_words(fmt)}" for i, (fmt, n) in enumerate(counts))
 
 
 def setup_line_editing() -> bool:

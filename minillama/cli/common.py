@@ -153,9 +153,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Sampling flags; anything left out comes from the model's generation_config.json, or from the chat
     defaults (minillama.chat.CHAT_SAMPLING) when that file sets no sampling."""
     g = p.add_argument_group(
-        "sampling", "Defaults: the model's generation_config.json; what it leaves out, llama.cpp's and "
-        "ollama's: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05. The chat's banner shows every value and "
-        "where it came from (flag, model file, default).")
+        "sampling", "Defaults: the model's generation_config.json; what it leaves out, llama.cpp's defaults "
+        "(temperature 0.8, top-k 40, top-p 0.95, min-p 0.05) and minillama's measured repeat penalty 1.15, which "
+        "spares end-of-turn tokens (docs/defaults.md). The chat's banner shows every value and where it came from "
+        "(flag, model file, default).")
     g.add_argument("--temperature", "--temp", type=float, help="0 means greedy (default: the model file's, else 0.8)")
     g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0: off; default: the model file's, "
                                              "else 40)")
@@ -164,9 +165,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability (0: off; default: "
                                                "the model file's, else 0.05)")
     g.add_argument("--repetition-penalty", "--repeat-penalty", type=float,
-                   help="> 1 discourages repeats (default: the model file's, else 1: off)")
+                   help="> 1 discourages tokens already in the conversation, end-of-turn tokens excepted (1: off; "
+                        "default: the model file's, else 1.15)")
     g.add_argument("--max-new-tokens", "-n", type=int, help="the most tokens in one reply (default: the model "
-                                                            "file's, else 256)")
+                                                            "file's, at most 4096, else 256)")
     g.add_argument("--seed", type=int, help="seed for reproducible sampling")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
     add_engine_args(g)
