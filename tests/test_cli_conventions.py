@@ -206,3 +206,16 @@ def test_default_threads_are_the_idle_cores(chat_model, monkeypatch, capsys):
     finally:
         torch.set_num_threads(before)
     assert "1 thread (other programs keep 1 of 2 cores busy; --threads N to choose)" in capsys.readouterr().err
+
+
+def test_an_unknown_flag_shows_the_subcommands_usage(capsys):
+    """`minillama generate --bogus` printed the top-level usage (`minillama [-h] [--version] COMMAND`), which says
+    nothing of generate's flags; now it is generate's usage, and the flag is named."""
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt", "hi", "--bogus"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: minillama generate ") and "--max-new-tokens" in err
+    assert err.strip().endswith("minillama generate: error: unrecognized arguments: --bogus")
+    with pytest.raises(SystemExit):
+        main(["--bogus"])
+    assert capsys.readouterr().err.startswith("usage: minillama [-h]")
