@@ -92,7 +92,8 @@ async def level(url: str, model: str, concurrency: int, max_tokens: int) -> dict
     """2C requests, C at a time."""
     n = 2 * concurrency
     gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=600) as client:
+    # A fresh connection per request: servers differ in how long they keep idle ones (llama-server closes them).
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         async def gated(i: int) -> dict:
             async with gate:
                 return await one_request(client, url, model, QUESTIONS[i % len(QUESTIONS)], max_tokens)
