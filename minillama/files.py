@@ -131,8 +131,18 @@ def partial_path(path: str | Path) -> Path:
     such as `X.partial`, which could be a file of the user's that a failure would then delete."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
+    try:  # mkstemp makes it 0600; the finished file gets what any new file gets (0644 under umask 022)
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     return Path(tmp)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _lock_nonblocking(fd: int) -> bool:

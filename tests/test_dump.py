@@ -88,3 +88,19 @@ def test_cli(tmp_path, llama32_tokenizer_dir, capsys):
     assert main([*args, "--force", "--raw"]) == 0
     summary = json.loads(summary_path(out).read_text())
     assert summary["prompt"] == "Hello world" and len(summary["input_ids"]) == 3  # bos Hello ␣world
+
+
+def test_the_dump_and_its_summary_honour_the_umask(model, tmp_path):
+    """The tensors file came out 0600 (a temporary file renamed into place) beside a 0644 summary; both get
+    what the umask gives a new file."""
+    import os
+    import stat
+
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        old = os.umask(umask)
+        try:
+            out = tmp_path / f"acts-{umask:o}.safetensors"
+            minillama.dump_activations(model, torch.tensor([[1, 2, 3]]), out, names=["*.resid_post"])
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(summary_path(out).stat().st_mode) == mode
