@@ -60,9 +60,10 @@ def format_lens(lens: Lens, input_ids: list[int], piece: Callable[[int], str],
     out = []
     for t in range(T) if positions is None else [p % T for p in positions]:
         token = input_ids[t]
-        out.append(f"position {t}: {visible(piece(token))!r} ({token}) -> next token")
+        out.append(f"position {t}: '{visible(piece(token))}' ({token}) -> next token")
         for layer, ids, probs in zip(lens.layers, lens.top_ids[:, t], lens.top_probs[:, t]):
-            preds = "  ".join(f"{visible(piece(int(i)))!r} {p:.2f}" for i, p in zip(ids, probs))
+            # visible() already escaped what cannot be shown: quoted, not repr()'d again ('\\xa0' for a no-break space)
+            preds = "  ".join(f"'{visible(piece(int(i)))}' {p:.2f}" for i, p in zip(ids, probs))
             out.append(f"  {layer:<{width}}  {preds}")
     return "\n".join(out)
 

@@ -219,3 +219,14 @@ def test_an_unknown_flag_shows_the_subcommands_usage(capsys):
     with pytest.raises(SystemExit):
         main(["--bogus"])
     assert capsys.readouterr().err.startswith("usage: minillama [-h]")
+
+
+def test_readme_says_which_subcommands_take_device():
+    """The README said every subcommand takes --device, which `inspect` refuses (it reads no weights)."""
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "Every subcommand takes MODEL" not in readme
+    assert "`inspect` reads no weights, so it takes MODEL and `--offline` only" in readme
+    assert option("inspect", "--device") is None and option("inspect", "--offline") is not None
+    assert all(option(tool, "--device") is not None for tool in MODEL_TOOLS if tool != "inspect")

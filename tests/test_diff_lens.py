@@ -142,7 +142,9 @@ def test_lens_cli(chat_model, tmp_path, capsys):
     assert out[0] == "position 0: '<|begin_of_text|>' (128000) -> next token"
     assert out[4].startswith("position 1: 'Hello' (9906)") and out[8].startswith("position 2: '␣world' (1917)")
     assert len(out) == 3 * (1 + 3)
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and captured.err == f"minillama: wrote the plot to {plot}\n"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"minillama: the lens of {model_dir} on cpu (float32 weights)\n" in captured.err  # which weights ran
+    assert captured.err.endswith(f"minillama: wrote the plot to {plot}\n")
 
     assert main(["lens", str(model_dir), "--prompt", "Hello world", "--position", "1", "--position", "0"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -151,6 +153,10 @@ def test_lens_cli(chat_model, tmp_path, capsys):
     assert main(["lens", str(model_dir), "--prompt", "Hi", "--chat"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("position ") and "'↵↵' (271)" in out[0]  # after the assistant header's blank line
+
+    assert main(["lens", str(model_dir), "--prompt", "Hello\xa0world", "--all-positions"]) == 0
+    out = capsys.readouterr().out
+    assert "'\\xa0" in out and "\\\\xa0" not in out  # a no-break space shown once escaped, not twice
 
     assert main(["lens", str(model_dir), "--prompt", "Hi", "--top", "0"]) == 2
     assert "--top must be at least 1" in capsys.readouterr().err

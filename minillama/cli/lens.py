@@ -33,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from minillama.checkpoint import load_model
+    from minillama.cli.chat import weights_in_words
     from minillama.lens import format_lens, logit_lens, plot_lens
     from minillama.tokenizer import load_tokenizer
 
@@ -43,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     model_dir = resolve_model_arg(args)
     model = load_model(model_dir, device=args.device, dtype=args.dtype, **quantize_args(args))
+    weights = weights_in_words(model)
+    eprint(f"minillama: the lens of {model_dir} on {model.device} ({str(model.dtype)[6:]}"
+           f"{'; weights: ' + weights if weights else ' weights'})")
     if args.top > model.config.vocab_size:
         raise MinillamaError(f"--top must be at most the vocabulary size {model.config.vocab_size}, got {args.top}")
     _, ids = prompt_input_ids(model_dir, prompt, use_raw(args), model.config.vocab_size)
