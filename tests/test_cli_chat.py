@@ -269,11 +269,13 @@ def spawn_chat(*args: str, env: dict | None = None, python_args: tuple[str, ...]
     return child
 
 
-def exit_with_two_ctrl_c(child) -> None:
-    """Two Ctrl-C at the prompt (after the grace moment that follows a stopped reply) leave the chat."""
+def exit_with_two_ctrl_c(child, unsaved: bool = False) -> None:
+    """Two Ctrl-C at the prompt (after the grace moment that follows a stopped reply) leave the chat; the first
+    says so, and that the conversation would be lost when it is `unsaved`."""
     time.sleep(1.2)
     child.sendintr()
-    child.expect(r"Ctrl-C again or Ctrl-D to exit")
+    child.expect(r"\((.*)Ctrl-C again or Ctrl-D to exit\)")
+    assert ("the conversation is not saved: /save FILE keeps it. " in child.match.group(1)) is unsaved
     child.expect(">>> ")
     child.sendintr()
     child.expect(pexpect.EOF)
@@ -331,6 +333,10 @@ def test_tty_session_commands_multiline_paste_and_exit(chat_model, tmp_path):
     saved = tmp_path / "t.json"
     child.sendline(f"/save {saved}")
     child.expect(">>> ")
+    child.sendintr()  # saved: the first Ctrl-C at the prompt warns of nothing
+    child.expect(r"\((.*)Ctrl-C again or Ctrl-D to exit\)")
+    assert "not saved" not in child.match.group(1)
+    child.expect(">>> ")
     child.sendeof()  # Ctrl-D exits
     child.expect(pexpect.EOF)
     child.close()
@@ -377,7 +383,7 @@ def test_tty_ctrl_c_stops_the_reply_and_keeps_the_session(chat_model):
     child.sendline("/help")  # the session goes on
     child.expect("/clear")
     child.expect(">>> ")
-    exit_with_two_ctrl_c(child)
+    exit_with_two_ctrl_c(child, unsaved=True)  # two replies, never saved: the first Ctrl-C says so
 
 
 def test_generate_ctrl_c_says_so(chat_model):

@@ -204,6 +204,7 @@ class Repl:
         self.session, self.interactive, self.stats, self.model_name = session, interactive, stats, model_name
         self.drop_oldest = drop_oldest  # make room by forgetting the oldest turns, with a notice
         self.interrupted_last = False  # a Ctrl-C at the prompt just happened: the next one exits
+        self.kept = [dict(m) for m in session.messages]  # the messages as last saved or loaded
         self.reply_stopped_at = -GRACE_SECONDS  # when a Ctrl-C last stopped a reply (time.monotonic)
 
     def read(self, prompt: str) -> str | None:
@@ -261,7 +262,9 @@ class Repl:
                 if self.interrupted_last:
                     return 0
                 self.interrupted_last = True
-                eprint("(Ctrl-C again or Ctrl-D to exit)")
+                unsaved = self.session.messages and self.session.messages != self.kept
+                eprint("(the conversation is not saved: /save FILE keeps it. Ctrl-C again or Ctrl-D to exit)"
+                       if unsaved else "(Ctrl-C again or Ctrl-D to exit)")
                 continue
             if message is None:
                 if self.interactive:
@@ -351,6 +354,7 @@ class Repl:
                 eprint(f"could not save: {' '.join(str(e).split())}")
                 return None
             eprint(f"[saved {len(session.messages)} messages to {path}]")
+            self.kept = [dict(m) for m in session.messages]
         elif name == "/load":
             if not arg:
                 eprint("usage: /load FILE")
@@ -361,6 +365,7 @@ class Repl:
                 eprint(f"could not load: {e}")
                 return None
             eprint(f"[loaded {len(session.messages)} messages from {arg}]")
+            self.kept = [dict(m) for m in session.messages]
         else:
             eprint(f"unknown command {name}; /help lists them (start a message with // to send a literal /)")
         return None
