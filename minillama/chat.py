@@ -328,7 +328,7 @@ def reply_generation(model: torch.nn.Module, ids: list[int], config: GenerationC
     but the last token is prefilled here, and generate() runs from that last one, so that the repetition penalty
     counts what `penalty_history` keeps (generate() counts every token it is given). kwargs go to generate()."""
     vocab = model.config.vocab_size
-    if max(ids) >= vocab:  # generate() checks only the ids it is given
+    if ids and max(ids) >= vocab:  # generate() checks only the ids it is given
         raise MinillamaError(f"token id {max(ids)} is outside the model's vocabulary (0..{vocab - 1}); "
                              "the tokenizer and the weights do not belong together")
     context = min(model.config.max_position_embeddings, engine.max_seq_len)
