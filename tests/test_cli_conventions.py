@@ -203,6 +203,9 @@ def test_default_threads_are_the_idle_cores(chat_model, monkeypatch, capsys):
     try:
         assert main(["generate", str(chat_model), "--prompt", "Hi", "-n", "2"]) == 0
         assert torch.get_num_threads() == 1
+        assert "thread" not in capsys.readouterr().err  # not at a terminal: stderr as it was
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+        assert main(["generate", str(chat_model), "--prompt", "Hi", "-n", "2"]) == 0
     finally:
         torch.set_num_threads(before)
     assert "1 thread (other programs keep 1 of 2 cores busy; --threads N to choose)" in capsys.readouterr().err

@@ -69,15 +69,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def set_threads(threads: int | None) -> None:
-    """torch's thread count: `threads`, or one per idle core (minillama/threads.py), said in one line when that
-    is fewer than the cores."""
+    """torch's thread count: `threads`, or one per idle core (minillama/threads.py), said in one line at a
+    terminal when that is fewer than the cores (a script's stderr stays as it was)."""
     import torch
 
     from minillama.threads import default_threads, usable_cores
 
     if threads is None:
         threads = default_threads()
-        if threads < usable_cores():
+        if threads < usable_cores() and sys.stderr.isatty():
             print(f"minillama: {threads} thread{'s' if threads > 1 else ''} (other programs keep "
                   f"{usable_cores() - threads} of {usable_cores()} cores busy; --threads N to choose)", file=sys.stderr)
     torch.set_num_threads(threads)
