@@ -37,7 +37,8 @@ def lively_chat_model(tmp_path_factory, llama32_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def server(lively_chat_model, tmp_path_factory):
-    with start_server(lively_chat_model, "--slots", "2", "--ctx", "4096", "--chunk-size", "16", "--max-body",
+    # Chunks of 4 prompt tokens: a 3,600-token prompt takes ~900 steps, so a test can leave during its prefill.
+    with start_server(lively_chat_model, "--slots", "2", "--ctx", "4096", "--chunk-size", "4", "--max-body",
                       "200000", tmp_path=tmp_path_factory.mktemp("server")) as s:
         yield s
 
@@ -230,6 +231,17 @@ def raw_request(server, body: dict) -> socket.socket:
     return s
 
 
+def read_until(s: socket.socket, marker: bytes, timeout: float = 30) -> bytes:
+    """Bytes from the socket until `marker` has arrived (headers and the first chunk may come apart)."""
+    s.settimeout(timeout)
+    data = b""
+    while marker not in data:
+        part = s.recv(4096)
+        assert part, f"the server closed the connection before {marker!r}: {data[-300:]!r}"
+        data += part
+    return data
+
+
 def wait_for(condition, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -239,16 +251,17 @@ def wait_for(condition, timeout: float = 30) -> None:
 
 def test_a_client_gone_mid_stream_frees_its_slot(server):
     cancelled = metric(server, "minillama_requests_cancelled_total")
+    generated = metric(server, "minillama_generation_tokens_total")
     s = raw_request(server, {"model": MODEL, "messages": HI, "max_tokens": 3000, "stream": True})
-    assert b"data: " in s.recv(4096)  # the stream has begun
-    wait_for(lambda: metric(server, "minillama_requests_running") == 1)
+    read_until(s, b"data: ")  # the stream has begun
     s.close()
     wait_for(lambda: metric(server, "minillama_requests_running") == 0, timeout=10)
     assert metric(server, "minillama_requests_cancelled_total") == cancelled + 1
+    assert metric(server, "minillama_generation_tokens_total") - generated < 3000  # stopped, not run to the end
 
 
 def test_a_client_gone_mid_prefill_frees_its_slot(server, tok):
-    """A long prompt prefills 16 tokens per step; the client leaves before the first token (not streaming)."""
+    """A long prompt prefills 4 tokens per step; the client leaves before the first token (not streaming)."""
     cancelled, generated = metric(server, "minillama_requests_cancelled_total"), \
         metric(server, "minillama_generation_tokens_total")
     long = [{"role": "user", "content": "count the words " * 900}]  # ~3,600 tokens: hundreds of chunks
