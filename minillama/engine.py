@@ -41,7 +41,7 @@ from minillama.generation import END_OF_TURN_TOKENS
 from minillama.kv_cache import CacheRows
 from minillama.request import (MAX_LOGPROBS, STOP_CANCELLED, STOP_ERROR, EngineFull, Handle, Piece,  # noqa: F401
                                Request)
-from minillama.sampling import (SamplingSettings, check_sampling_args, check_seed, penalize, sample_seeded,
+from minillama.sampling import (SamplingSettings, check_sampling_args, check_seed, greedy, penalize, sample_seeded,
                                 seeded_uniform, seen_tokens, warp)
 from minillama.scheduler import Scheduler, Sequence
 from minillama.stopping import StopTrimmer, stop_reason
@@ -329,7 +329,7 @@ class Engine:
         settings = st.rows(rows)
         bias = st.logit_bias[rows] if any(st.any_bias[s] for s in slots) else None
         scores = penalize(logits.float(), st.seen[rows], settings, st.counts[rows], bias)  # (B, V)
-        ids = scores.argmax(dim=-1)  # (B,) the greedy rows' choice
+        ids = greedy(scores)  # (B,) the greedy rows' choice
         if not all(s.request.temperature == 0 for s in seqs):
             steps = torch.tensor([len(s.tokens) for s in seqs], device=logits.device)  # (B,) each row's draw count
             sampled = sample_seeded(warp(scores, settings), seeded_uniform(st.seeds[rows], steps))
