@@ -199,8 +199,8 @@ def table(records: list[dict]) -> str:
     for other in ("transformers", "llama-server"):
         for c in levels:
             if ("minillama", c) in by and (other, c) in by:
-                rows.append(f"minillama / {other} at {c}: "
-                            f"{by[('minillama', c)]['output_tok_s'] / by[(other, c)]['output_tok_s']:.2f}x output tok/s")
+                ratio = by[("minillama", c)]["output_tok_s"] / by[(other, c)]["output_tok_s"]
+                rows.append(f"minillama / {other} at {c}: {ratio:.2f}x output tok/s")
     return "\n".join(rows)
 
 

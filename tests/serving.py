@@ -41,8 +41,9 @@ def start_server(model: str, *args: str, tmp_path, timeout: float = 120, env: di
     log_path = os.path.join(tmp_path, f"server-{port}.log")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "w") as log:
-        process = subprocess.Popen([*(launcher or [sys.executable]), "-m", "minillama", "serve", str(model), "--port", str(port),
-                                    "--threads", "1", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+        command = [*(launcher or [sys.executable]), "-m", "minillama", "serve", str(model), "--port", str(port),
+                   "--threads", "1", *args]
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
     try:
         deadline = time.monotonic() + timeout

@@ -157,7 +157,8 @@ def test_logprobs_equal_the_engines(client, lively_chat_model, tok):
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [e.logprob for e in streamed] == [e.logprob for e in content]
     legacy = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, logprobs=3)
-    assert len(legacy.choices[0].logprobs.tokens) == 4 and all(len(t) == 3 for t in legacy.choices[0].logprobs.top_logprobs)
+    entries = legacy.choices[0].logprobs
+    assert len(entries.tokens) == 4 and all(len(t) == 3 for t in entries.top_logprobs)
 
 
 def test_n_choices_and_seeds(client):
@@ -277,8 +278,8 @@ def test_metrics(server, client):
     client.chat.completions.create(model=MODEL, messages=HI, max_tokens=3)
     text = httpx.get(server.url + "/metrics").text
     for name in ("minillama_requests_running", "minillama_requests_waiting", "minillama_requests_finished_total",
-                 "minillama_requests_cancelled_total", "minillama_requests_refused_total", "minillama_prompt_tokens_total",
-                 "minillama_generation_tokens_total", "minillama_slots_in_use",
+                 "minillama_requests_cancelled_total", "minillama_requests_refused_total",
+                 "minillama_prompt_tokens_total", "minillama_generation_tokens_total", "minillama_slots_in_use",
                  "minillama_time_to_first_token_seconds_bucket", "minillama_time_per_output_token_seconds_count"):
         assert name in text
     assert metric(server, "minillama_time_to_first_token_seconds_count") >= 1
