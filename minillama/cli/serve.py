@@ -79,8 +79,8 @@ def load_engine(args: argparse.Namespace, model_name: str):
     """Load model and tokenizer and make the engine (not started); says what it loaded."""
     import torch
 
-    from minillama import quant
     from minillama.checkpoint import load_model, resolve_device
+    from minillama.cli.chat import weights_in_words
     from minillama.cli.common import quantize_args, resolve_model_arg, runs_default_quantized, tensor_parallel
     from minillama.config import LlamaConfig
     from minillama.engine import Engine
@@ -99,7 +99,7 @@ def load_engine(args: argparse.Namespace, model_name: str):
     model = load_model(path, device=device, dtype=args.dtype, pack=True, tp=tensor_parallel(), **quantize_args(args))
     engine = Engine(model, tokenizer, slots=args.slots, max_seq_len=ctx, chunk_size=args.chunk_size,
                     max_waiting=args.max_queue)
-    weights = quant.describe(model) or str(model.dtype).replace("torch.", "")
+    weights = weights_in_words(model) or str(model.dtype).replace("torch.", "")  # the chat banner's words
     where = f"{device}, {torch.get_num_threads()} threads" + (", tensor parallel" if tensor_parallel() else "")
     eprint(f"minillama serve: model {model_name} ({path}); weights {weights} on {where}")
     eprint(f"minillama serve: {engine.memory_line()}" + (" on each rank" if tensor_parallel() else ""))
