@@ -242,28 +242,25 @@ def test_gpu_bench_script_runs_the_compiled_engine_on_cpu(tmp_path):
     assert all(rec["output_tokens"] == 2 * rec["concurrency"] * 8 for rec in concurrency)
 
 
-def test_the_serving_benchmark_runs_both_servers(chat_model, tmp_path):
-    """scripts/bench_serving.py end to end on a tiny model: minillama serve and transformers serve, two levels."""
+def test_the_serving_benchmark_runs_end_to_end(chat_model, tmp_path):
+    """scripts/bench_serving.py on a tiny model: two minillama servers (the weights as stored, and
+    --dtype float32), two levels, the JSON lines and the table. (Its transformers serve side was run by hand:
+    starting transformers serve costs ~25 s, too much for every CI run.)"""
     import os
     import subprocess
     import sys
 
-    import shutil
-
     root = Path(__file__).resolve().parents[1]
-    model = shutil.copytree(chat_model, tmp_path / "model")  # with a template of its own, which transformers needs
-    config = json.loads((model / "tokenizer_config.json").read_text())
-    config["chat_template"] = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-                               "{{ m['content'] }}<|eot_id|>{% endfor %}<|start_header_id|>assistant<|end_header_id|>\n\n")
-    (model / "tokenizer_config.json").write_text(json.dumps(config))
     out = tmp_path / "serving.jsonl"
-    r = subprocess.run([sys.executable, str(root / "scripts" / "bench_serving.py"), "--model", str(model),
-                        "--servers", "minillama,transformers", "--concurrency", "1,2", "--max-tokens", "4",
+    r = subprocess.run([sys.executable, str(root / "scripts" / "bench_serving.py"), "--model", str(chat_model),
+                        "--servers", "minillama,minillama:float32", "--concurrency", "1,2", "--max-tokens", "4",
                         "--threads", "1", "--json-file", str(out)], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert {(rec["server"], rec["concurrency"]) for rec in records} == \
-        {(s, c) for s in ("minillama", "transformers") for c in (1, 2)}
-    assert all(rec["requests"] == 2 * rec["concurrency"] and rec["output_tokens"] > 0 for rec in records)
-    assert "minillama / transformers at 2:" in r.stdout
+        {(s, c) for s in ("minillama", "minillama:float32") for c in (1, 2)}
+    assert all(rec["requests"] == 2 * rec["concurrency"] and rec["output_tokens"] == 4 * rec["requests"]
+               for rec in records)
+    assert all(rec["ttft_p50_ms"] > 0 and rec["itl_p99_ms"] >= rec["itl_p50_ms"] for rec in records)
+    assert "minillama: output tok/s at 2 =" in r.stdout
