@@ -50,12 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from minillama.cli.common import tensor_parallel_session
 
-    if hasattr(args, "threads"):  # a subcommand that runs a model: --threads, or the cores idle right now
-        if args.threads is not None and args.threads < 1:
-            print(f"minillama: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
-            return 2
-        set_threads(args.threads)
     try:
+        if hasattr(args, "threads"):  # a subcommand that runs a model: --threads, or the cores idle right now
+            if args.threads is not None and args.threads < 1:
+                raise MinillamaError(f"--threads must be at least 1, got {args.threads}")
+            set_threads(args.threads)
         with tensor_parallel_session(args):  # under torchrun: one rank of a tensor-parallel model
             return args.func(args) or 0
     except MinillamaError as e:
