@@ -52,7 +52,8 @@ def test_pipe_answers_each_line_and_reuses_the_cache(chat_model, tmp_path):
     saved = json.loads(transcript.read_text())
     replies = [m["content"] for m in saved["messages"] if m["role"] == "assistant"]
     assert len(replies) == 2 and all(replies)
-    assert r.stdout == "".join(reply + "\n" for reply in replies)  # each reply streamed, then a newline
+    # Each reply streamed, then a newline; a blank line between replies (a reply may hold newlines itself).
+    assert r.stdout == "\n".join(reply + "\n" for reply in replies)
     stats = [line for line in r.stderr.splitlines() if line.startswith("[prompt:")]
     assert len(stats) == 2
     for line in stats:  # a random model never says eos: both replies ran into -n, and the line says so

@@ -202,6 +202,7 @@ class ReplyInterrupts:
 class Repl:
     def __init__(self, session, interactive: bool, stats: bool, model_name: str, drop_oldest: bool = False):
         self.session, self.interactive, self.stats, self.model_name = session, interactive, stats, model_name
+        self.replies = 0  # replies printed so far (piped ones are separated by a blank line)
         self.drop_oldest = drop_oldest  # make room by forgetting the oldest turns, with a notice
         self.interrupted_last = False  # a Ctrl-C at the prompt just happened: the next one exits
         self.kept = [dict(m) for m in session.messages]  # the messages as last saved or loaded
@@ -294,8 +295,12 @@ class Repl:
         try:
             if self.drop_oldest:
                 self.make_room(message)
+            # Piped, a blank line between replies: a reply may hold newlines of its own, so one is no separator.
+            separator = "\n" if not self.interactive and self.replies else ""
             for piece in session.send(message):
-                print(piece, end="", flush=True)
+                print(separator + piece, end="", flush=True)
+                separator = ""
+            self.replies += 1
         except ContextFull as e:
             eprint(f"{'message too long' if e.alone else 'context full'}: {e}")
             return
