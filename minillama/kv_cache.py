@@ -50,8 +50,8 @@ def write_rows(buffer: torch.Tensor, rows: slice | torch.Tensor, input_pos: torc
     input_pos (1,) is one position for every row, (B,) one per row."""
     T = x.shape[2]
     slots = input_pos[:, None] + torch.arange(T, device=x.device)  # (1 or B, T)
-    if isinstance(rows, slice) and slots.shape[0] == 1:
-        buffer[rows].index_copy_(2, slots[0], x)  # one set of slots: a plain copy (and a static one to compile)
+    if isinstance(rows, slice) and slots.shape[0] == 1:  # one set of slots: a plain copy (static, to compile)
+        (buffer if rows == slice(None) else buffer[rows]).index_copy_(2, slots[0], x)  # the compiled step's op
         return
     B = x.shape[0]
     row_ids = torch.arange(buffer.shape[0], device=x.device)[rows] if isinstance(rows, slice) else rows  # (B,)
