@@ -41,8 +41,8 @@ from minillama.generation import END_OF_TURN_TOKENS
 from minillama.kv_cache import CacheRows
 from minillama.request import (MAX_LOGPROBS, STOP_CANCELLED, STOP_ERROR, EngineFull, Handle, Piece,  # noqa: F401
                                Request)
-from minillama.sampling import (SamplingSettings, check_sampling_args, check_seed, greedy, penalize, sample_seeded,
-                                seeded_uniform, seen_tokens, warp)
+from minillama.sampling import (SamplingSettings, check_sampling_args, check_seed, greedy, is_off, penalize,
+                                sample_seeded, seeded_uniform, seen_tokens, warp)
 from minillama.scheduler import Scheduler, Sequence
 from minillama.stopping import StopTrimmer, stop_reason
 
@@ -328,7 +328,10 @@ class Engine:
         st = self.settings
         settings = st.rows(rows)
         bias = st.logit_bias[rows] if any(st.any_bias[s] for s in slots) else None
-        scores = penalize(logits.float(), st.seen[rows], settings, st.counts[rows], bias)  # (B, V)
+        # The (B, V) histories are gathered only when some row's penalty reads them.
+        seen = None if is_off(settings.repetition_penalty, 1.0) else st.seen[rows]
+        penalized = not (is_off(settings.presence_penalty, 0.0) and is_off(settings.frequency_penalty, 0.0))
+        scores = penalize(logits.float(), seen, settings, st.counts[rows] if penalized else None, bias)  # (B, V)
         ids = greedy(scores)  # (B,) the greedy rows' choice
         if not all(s.request.temperature == 0 for s in seqs):
             steps = torch.tensor([len(s.tokens) for s in seqs], device=logits.device)  # (B,) each row's draw count

@@ -12,7 +12,8 @@ slot engine, where each row is another user's request); `sample_seeded` draws a 
 and step, so a seeded request gives the same text whatever else shares the batch.
 
 They are written for a compiled GPU decode step too: only torch ops, no `.item()` or other host
-syncs, and Python `if`s only on the settings (plain Python numbers), never on tensor values.
+syncs, and Python `if`s only on the settings (plain Python numbers), never on tensor values. Per-row
+(B, 1) settings are the eager engine's: there `is_off` and top-k's largest k are read on the host.
 
 Shapes: B batch, V vocabulary, S tokens seen so far.
 """
@@ -202,7 +203,7 @@ def apply_min_p(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def penalize(logits: torch.Tensor, input_ids: torch.Tensor, settings: SamplingSettings,
+def penalize(logits: torch.Tensor, input_ids: torch.Tensor | None, settings: SamplingSettings,
              counts: torch.Tensor | None = None, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The steps that apply in greedy decoding too: logit bias, repetition penalty (on `input_ids`, ids seen
     so far (B, S) or a `seen_tokens` mask (B, V)), presence/frequency penalty (on `counts` (B, V) of generated
