@@ -233,3 +233,27 @@ def test_readme_says_which_subcommands_take_device():
     assert "`inspect` reads no weights, so it takes MODEL and `--offline` only" in readme
     assert option("inspect", "--device") is None and option("inspect", "--offline") is not None
     assert all(option(tool, "--device") is not None for tool in MODEL_TOOLS if tool != "inspect")
+
+
+def test_help_version_and_usage_errors_import_no_torch():
+    """`--version`, every `--help` and argparse's usage errors took ~2-4 s: `import minillama.cli` ran the package's
+    eager imports, torch among them. They must answer before anything heavy is imported."""
+    script = """
+import sys
+from minillama.cli import SUBCOMMANDS, build_parser, main
+
+commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+argvs = [["--version"], ["--help"], ["--bogus"], ["nope"], ["chat", "--bogus"], ["chat", "--engine", "nope"],
+         ["serve", "--port", "x"], ["bench", "--compile", "maybe"]] + [[name, "--help"] for name in commands]
+for argv in argvs:
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+    heavy = [m for m in ("torch", "transformers", "numpy", "safetensors", "tokenizers", "jinja2") if m in sys.modules]
+    assert not heavy, (argv, heavy)
+print(len(argvs), len(commands) == len(SUBCOMMANDS))
+"""
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-2:] == ["18", "True"]

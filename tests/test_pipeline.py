@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -129,3 +131,30 @@ def test_the_transformers_spelling_answers_in_the_transformers_shape(chat_model_
     assert reply_only == [{"generated_text": outputs[0]["generated_text"][-1]["content"]}]
     with pytest.raises(MinillamaError, match="needs model="):
         pipeline("text-generation")
+
+
+def test_functions_named_like_their_modules_stay_functions():
+    """`minillama.pipeline`, `.intervene` and `.capture` are functions in modules of the same name. The package
+    imports its names lazily, and the import system sets a submodule as its package's attribute once it has run:
+    the function must stay what the name means, whichever comes first. A fresh process, so nothing is imported yet."""
+    script = """
+import sys
+import minillama.pipeline, minillama.intervene, minillama.capture
+from minillama.pipeline import ChatPipeline
+for name in ("pipeline", "intervene", "capture"):
+    assert getattr(minillama, name) is getattr(sys.modules["minillama." + name], name), name
+    assert callable(getattr(minillama, name)) and not isinstance(getattr(minillama, name), type(sys))
+import minillama.pipeline as m
+assert m is minillama.pipeline and minillama.ChatPipeline is ChatPipeline
+names = {}
+exec("from minillama import *", names)
+assert sorted(k for k in names if k != "__builtins__") == sorted(minillama.__all__)
+assert names["pipeline"] is minillama.pipeline and minillama.generation.generate is minillama.generate
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    import minillama
+
+    assert pipeline is minillama.pipeline and minillama.intervene.__module__ == "minillama.intervene"
+    assert set(minillama.__all__) <= set(dir(minillama)) and len(set(minillama.__all__)) == len(minillama.__all__)

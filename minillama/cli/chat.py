@@ -18,7 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-from minillama import quant
 from minillama.cli.common import add_model_args, add_sampling_args, add_steer_args, eprint, load_all
 from minillama.errors import MinillamaError
 from minillama.files import parse_json, read_bytes, read_json
@@ -109,6 +108,7 @@ def weights_in_words(model) -> str:
     """'210 matrices int4 (4-bit integers, a scale and offset per 32 weights), 2 int8 (...)'; '' for float weights."""
     from collections import Counter
 
+    from minillama import quant
     from minillama.model_info import format_in_words
 
     counts = Counter(quant.formats(model).values()).most_common()

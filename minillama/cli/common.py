@@ -8,11 +8,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from minillama.errors import MinillamaError
 from minillama.hub import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # torch is imported where a command runs, so --help and usage errors do not wait for it
+    import torch
 
 
 def add_model_args(p: argparse.ArgumentParser, dtype: str | None = None) -> None:
@@ -142,6 +144,8 @@ def near_miss(name: str) -> str | None:
 
 def prompt_input_ids(path: Path, prompt: str, raw: bool, vocab_size: int) -> tuple[str, torch.Tensor]:
     """The prompt as the model sees it (chat template unless `raw`) and its ids (1, T)."""
+    import torch
+
     from minillama.model_info import prompt_ids
     from minillama.tokenizer import load_tokenizer
 

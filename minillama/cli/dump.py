@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from minillama.cli.common import (add_model_args, add_prompt_args, prompt_input_ids, quantize_args, read_prompt,
                                   resolve_model_arg, tensor_parallel, use_raw)
 from minillama.files import check_output_file
@@ -29,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from minillama.checkpoint import load_model
     from minillama.dump import dump_activations, summary_path
 

@@ -13,7 +13,6 @@ from minillama.cli.chat import clean_text
 from minillama.cli.common import (add_model_args, add_prompt_args, add_sampling_args, add_steer_args, eprint,
                                   load_all, read_prompt, use_raw)
 from minillama.errors import MinillamaError
-from minillama.sampling import make_generator
 from minillama.stopping import StopTrimmer
 
 
@@ -56,6 +55,7 @@ def note_context_limit(loaded, prompt_tokens: int, max_new_tokens: int) -> None:
 def run(args: argparse.Namespace) -> int:
     from minillama.chat import STOP_INTERRUPTED, TurnStats, new_engine, reply_generation
     from minillama.intervene import steering
+    from minillama.sampling import make_generator
 
     if args.raw and args.system:
         raise MinillamaError("--system needs the chat template; drop --raw or --system")

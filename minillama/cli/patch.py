@@ -15,7 +15,6 @@ from pathlib import Path
 
 from minillama.cli.common import add_model_args, eprint, resolve_model_arg
 from minillama.errors import MinillamaError
-from minillama.model_info import visible
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -73,6 +72,8 @@ def answer_id(tokenizer, answer: str) -> int:
 
 def position_label(clean: str, corrupted: str) -> str:
     """The token at a position; both, as clean/corrupted, where the prompts differ."""
+    from minillama.model_info import visible
+
     return visible(clean) if clean == corrupted else f"{visible(clean)}/{visible(corrupted)}"
 
 
