@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minillama import kernels
 from minillama.errors import MinillamaError, read_json_object
+from minillama.kernels import QK
 
 QUANT_METHOD = "minillama"
 KERNEL_DTYPE = torch.bfloat16  # the activations' and scales' dtype inside the CPU kernels
@@ -94,6 +96,16 @@ def unpack_nibbles(packed: torch.Tensor, dtype: torch.dtype = torch.uint8) -> to
 
 # ---- The modules -------------------------------------------------------------------------------------
 
+# Above this many rows (a prompt's chunk) a module dequantizes and calls F.linear: the float matmul's blocking
+# beats the int8 kernels' one row-block at a time once the dequantization is spread over many rows.
+KERNEL_ROWS = 32
+
+
+def kernel_for(in_features: int) -> str:
+    """"minillama" (kernels.py's int8-activation ops) where they are built and K is whole blocks, else "torch"."""
+    return "minillama" if in_features % QK == 0 and kernels.available() else "torch"
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T + b, with q int8 per output channel (group_size None) or per group of inputs."""
 
@@ -102,35 +114,53 @@ class Int8Linear(nn.Module):
         super().__init__()
         G = group_size or in_features
         self.in_features, self.out_features, self.group_size = in_features, out_features, G
-        # Group-major, as the kernel needs: one contiguous (N, G) block and one scale per output per call.
-        self.register_buffer("qweight", torch.empty(in_features // G, out_features, G, dtype=torch.int8,
-                                                    device=device), persistent=False)  # (K/G, N, G)
-        self.register_buffer("scales", torch.empty(in_features // G, out_features, dtype=KERNEL_DTYPE,
-                                                   device=device), persistent=False)  # (K/G, N)
+        self.kernel = kernel_for(in_features)
+        if self.kernel == "minillama":  # kernels.py: row-major, one float32 scale per block of 32 inputs
+            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device),
+                                 persistent=False)  # (N, K)
+            self.register_buffer("scales", torch.empty(out_features, in_features // QK, device=device),
+                                 persistent=False)  # (N, K/32)
+        else:  # torch's kernel: group-major, one contiguous (N, G) block and one scale per output per call
+            self.register_buffer("qweight", torch.empty(in_features // G, out_features, G, dtype=torch.int8,
+                                                        device=device), persistent=False)  # (K/G, N, G)
+            self.register_buffer("scales", torch.empty(in_features // G, out_features, dtype=KERNEL_DTYPE,
+                                                       device=device), persistent=False)  # (K/G, N)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
     def set_quantized(self, q: torch.Tensor, scales: torch.Tensor) -> None:
         """Take q (N, K) int8 and scales (N, K/G) in the saved layout."""
         N, K = q.shape
-        # A fresh copy: the kernel's vector loads crashed on a tensor memory-mapped at an odd file offset.
-        q = q.reshape(N, K // self.group_size, self.group_size).transpose(0, 1)  # (K/G, N, G)
-        self.qweight = q.clone(memory_format=torch.contiguous_format)
-        self.scales = scales.t().to(KERNEL_DTYPE, copy=True).contiguous()
+        # Fresh copies: torch's vector loads crashed on a tensor memory-mapped at an odd file offset.
+        if self.kernel == "minillama":
+            self.qweight = q.clone(memory_format=torch.contiguous_format)
+            self.scales = kernels.per_block(scales, self.group_size)
+        else:
+            q = q.reshape(N, K // self.group_size, self.group_size).transpose(0, 1)  # (K/G, N, G)
+            self.qweight = q.clone(memory_format=torch.contiguous_format)
+            self.scales = scales.t().to(KERNEL_DTYPE, copy=True).contiguous()
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """q (N, K) int8 and scales (N, K/G) float32: the saved layout."""
+        if self.kernel == "minillama":
+            return self.qweight, self.scales[:, :: self.group_size // QK].contiguous()
         return self.qweight.transpose(0, 1).reshape(self.out_features, -1), self.scales.t().float()
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(*self.quantized())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xg = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # (M, K)
-        y = None
-        for g in range(self.qweight.shape[0]):  # one call per channel (G = K), or per group, summed in fp32
-            part = aten._weight_int8pack_mm(xg[:, g * self.group_size:(g + 1) * self.group_size].contiguous(),
-                                            self.qweight[g], self.scales[g]).float()  # (M, N)
-            y = part if y is None else y + part
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.kernel == "minillama" and x2.shape[0] > KERNEL_ROWS:  # a long prompt: a float matmul pays more
+            y = F.linear(x2.float(), self.dequantize())
+        elif self.kernel == "minillama":
+            y = torch.ops.minillama.int8_linear(x2.float().contiguous(), self.qweight, self.scales)
+        else:
+            xg = x2.to(KERNEL_DTYPE)
+            y = None
+            for g in range(self.qweight.shape[0]):  # one call per channel (G = K), or per group, summed in fp32
+                part = aten._weight_int8pack_mm(xg[:, g * self.group_size:(g + 1) * self.group_size].contiguous(),
+                                                self.qweight[g], self.scales[g]).float()  # (M, N)
+                y = part if y is None else y + part
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -161,6 +191,10 @@ class Int8Embedding(Int8Linear):
         self.out_dtype = dtype or torch.float32  # the activations' dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "minillama":
+            q = self.qweight[ids].reshape(*ids.shape, -1, QK)  # (*ids, C/32, 32): the looked-up rows, by block
+            w = q.float() * self.scales[ids][..., None]  # (*ids, C/32, 32)
+            return w.reshape(*ids.shape, self.in_features).to(self.out_dtype)  # (*ids, C)
         q = self.qweight[:, ids]  # (K/G, *ids, G): the looked-up rows, group by group
         w = q.float() * self.scales[:, ids].float()[..., None]  # (K/G, *ids, G)
         return w.movedim(0, -2).reshape(*ids.shape, self.in_features).to(self.out_dtype)  # (*ids, C)
@@ -168,7 +202,7 @@ class Int8Embedding(Int8Linear):
     def tied_head(self) -> Int8Linear:
         """The output head that reuses this table: the same int8 tensors, no copy."""
         head = Int8Linear(self.in_features, self.out_features, group_size=self.group_size, device="meta")
-        head.qweight, head.scales = self.qweight, self.scales
+        head.kernel, head.qweight, head.scales = self.kernel, self.qweight, self.scales
         return head
 
     def extra_repr(self) -> str:
@@ -183,16 +217,29 @@ class Int4Linear(nn.Module):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        # The kernel's private layout (depends on the CPU); `quantized()` rebuilds the portable one.
-        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8,
-                                                   device=device), persistent=False)  # (N, K/2)
-        self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2,
-                                                             dtype=KERNEL_DTYPE, device=device),
-                             persistent=False)  # (K/G, N, 2)
+        self.kernel = kernel_for(in_features)
+        if self.kernel == "minillama":  # kernels.py: nibbles in llama.cpp's order, float32 values per block of 32
+            self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8,
+                                                       device=device), persistent=False)  # (N, K/2)
+            self.register_buffer("scales", torch.empty(out_features, in_features // QK, device=device),
+                                 persistent=False)  # (N, K/32)
+            self.register_buffer("zeros", torch.empty(out_features, in_features // QK, device=device),
+                                 persistent=False)  # (N, K/32)
+        else:  # torch's private layout (it depends on the CPU); `quantized()` rebuilds the portable one
+            self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8,
+                                                       device=device), persistent=False)  # (N, K/2)
+            self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2,
+                                                                 dtype=KERNEL_DTYPE, device=device),
+                                 persistent=False)  # (K/G, N, 2)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
     def set_quantized(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
         """Take qweight (N, K/2) uint8 nibbles, scales and zeros (N, K/G), in the saved layout."""
+        if self.kernel == "minillama":
+            self.packed = kernels.pack_int4(unpack_nibbles(qweight))
+            self.scales = kernels.per_block(scales, self.group_size)
+            self.zeros = kernels.per_block(zeros, self.group_size)
+            return
         q = unpack_nibbles(qweight, torch.int32)  # (N, K)
         self.packed = aten._convert_weight_to_int4pack_for_cpu(q, 1)
         self.scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(KERNEL_DTYPE).contiguous()
@@ -200,9 +247,13 @@ class Int4Linear(nn.Module):
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """qweight (N, K/2) uint8, scales and zeros (N, K/G) float32: the saved layout.
 
-        The packed layout is torch's, so the kernel itself unpacks it: with scale 1 and zero 0 it turns the
+        torch's packed layout is private, so its kernel itself unpacks it: with scale 1 and zero 0 it turns the
         identity matrix into the rows of q - 8, small integers that bf16 holds exactly.
         """
+        if self.kernel == "minillama":
+            every = self.group_size // QK
+            return (pack_nibbles(kernels.unpack_int4(self.packed)), self.scales[:, ::every].contiguous(),
+                    self.zeros[:, ::every].contiguous())
         ones = torch.zeros_like(self.scales_and_zeros)
         ones[..., 0] = 1
         eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE, device=self.packed.device)
@@ -211,12 +262,21 @@ class Int4Linear(nn.Module):
         return pack_nibbles(q.to(torch.uint8)), scales.t().contiguous(), zeros.t().contiguous()
 
     def dequantize(self) -> torch.Tensor:
+        if self.kernel == "minillama":  # straight from the kernel's layout (a long prompt does this per call)
+            q = kernels.unpack_int4(self.packed).reshape(self.out_features, -1, QK).float()  # (N, K/32, 32)
+            return ((q - 8) * self.scales[..., None] + self.zeros[..., None]).reshape(self.out_features, -1)
         qweight, scales, zeros = self.quantized()
         return dequantize_int4(unpack_nibbles(qweight), scales, zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(KERNEL_DTYPE), self.packed,
-                                             self.group_size, self.scales_and_zeros)  # (M, N)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.kernel == "minillama" and x2.shape[0] > KERNEL_ROWS:  # a long prompt: a float matmul pays more
+            y = F.linear(x2.float(), self.dequantize())
+        elif self.kernel == "minillama":
+            y = torch.ops.minillama.int4_linear(x2.float().contiguous(), self.packed, self.scales, self.zeros)
+        else:
+            y = aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE), self.packed, self.group_size,
+                                                 self.scales_and_zeros)  # (M, N)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

@@ -1,0 +1,189 @@
+"""minillama's own CPU kernels, and their readable definitions: int8 activations times 4- or 8-bit weight blocks.
+
+torch's weight-only CPU kernels turn the weights back into floats for every group of 4 activation rows, so a
+16-row engine step unpacks each matrix 4 times, and their float32 path is a scalar loop (docs/quantization.md).
+llama.cpp instead quantizes each activation row to int8 in blocks of 32 and multiplies integers: one unpack
+of a weight block serves every row, and its 32 products are two AVX2 instructions (`maddubs` + `madd`).
+`kernels.cpp` does the same for minillama's int4 and int8 formats (GGUF's Q4_1 and Q8_0 blocks are both), as two
+`torch.library` ops, M rows, K inputs, N outputs, B = K / 32 blocks:
+
+    torch.ops.minillama.int4_linear(x, qs, scales, zeros)   w = (q - 8) * scale + zero, q in 0..15
+    torch.ops.minillama.int8_linear(x, qs, scales)          w = q * scale, q int8
+        x (M, K) float32 -> (M, N) float32; scales, zeros (N, B) float32, one per block of 32 inputs
+
+`int4_linear_reference` and `int8_linear_reference` below define them in PyTorch, step for step;
+tests/test_kernels.py holds the ops to them. The C++ is compiled at first use with g++ (which torch.compile
+needs on a CPU anyway), `-march=native`, into minillama's cache directory, keyed by the source, torch's version,
+the compiler and the CPU's flags; later processes load the cached library in milliseconds. Without a compiler
+(or with `MINILLAMA_KERNELS=torch`) `available()` is False and quant.py keeps torch's kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+QK = 32  # values per block, llama.cpp's QK4_1 / QK8_0
+SOURCE = Path(__file__).with_name("kernels.cpp")
+
+
+# ---- The definitions ---------------------------------------------------------------------------------------
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K) float32 -> xq (M, K) int8, xd (M, B) scales, xs (M, B) = xd * sum of the block's xq.
+
+    Symmetric blocks of 32: xd = max|x| / 127, xq = round(x * (1 / xd)), half to even (llama.cpp's Q8_1)."""
+    M, K = x.shape
+    xb = x.float().reshape(M, K // QK, QK)
+    xd = xb.abs().amax(-1) / 127
+    inv = torch.where(xd > 0, 1 / xd, torch.zeros_like(xd))
+    xq = torch.round(xb * inv[..., None]).clamp(-127, 127)
+    return xq.to(torch.int8).reshape(M, K), xd, xd * xq.sum(-1)
+
+
+def int4_linear_reference(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+                          ) -> torch.Tensor:
+    """y (M, N) = x (M, K) times the weights (q - 8) * scale + zero, with x quantized by `quantize_activations`.
+
+    Per block: scale * xd * sum(q * xq), plus (zero - 8 * scale) * xs, the weights' offset times the block's sum."""
+    xq, xd, xs = quantize_activations(x)
+    M, K = xq.shape
+    q = unpack_int4(qs).float().reshape(-1, K // QK, QK)  # (N, B, 32)
+    dots = torch.einsum("mbi,nbi->mnb", xq.float().reshape(M, K // QK, QK), q)  # integers, exact in float32
+    return (dots * scales[None] * xd[:, None]).sum(-1) + xs @ (zeros - 8 * scales).t()  # (M, N)
+
+
+def int8_linear_reference(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y (M, N) = x (M, K) times the weights q * scale, with x quantized by `quantize_activations`."""
+    xq, xd, _ = quantize_activations(x)
+    M, K = xq.shape
+    dots = torch.einsum("mbi,nbi->mnb", xq.float().reshape(M, K // QK, QK), qs.float().reshape(-1, K // QK, QK))
+    return (dots * scales[None] * xd[:, None]).sum(-1)
+
+
+# ---- The layouts -------------------------------------------------------------------------------------------
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..15 -> (N, K/2) uint8, llama.cpp's order: in each block of 32, byte i holds value i in its
+    low 4 bits and value i + 16 in its high 4 bits (one shift and mask unpack a block into 32 bytes)."""
+    N, K = q.shape
+    blocks = q.to(torch.uint8).reshape(N, K // QK, 2, QK // 2)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+def unpack_int4(qs: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> (N, K) values 0..15 (the inverse of `pack_int4`)."""
+    N = qs.shape[0]
+    blocks = qs.reshape(N, -1, QK // 2)
+    return torch.stack([blocks & 15, blocks >> 4], dim=2).reshape(N, -1)
+
+
+def per_block(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N, K/G) per-group values -> (N, K/32) float32: a group of 64 or 128 is 2 or 4 blocks with its values."""
+    return t.float().repeat_interleave(group_size // QK, dim=1).contiguous()
+
+
+# ---- Building and loading the ops ----------------------------------------------------------------------------
+
+_loaded: bool | None = None  # None: not tried yet
+_why_not = ""
+
+
+def available() -> bool:
+    """Whether the ops are registered: built (or found in the cache) and loaded in this process."""
+    global _loaded, _why_not
+    if _loaded is None:
+        _loaded = False
+        if os.environ.get("MINILLAMA_KERNELS", "").lower() == "torch":
+            _why_not = "MINILLAMA_KERNELS=torch"
+        elif not hasattr(torch.ops, "minillama") or not hasattr(torch.ops.minillama, "int4_linear"):
+            try:
+                torch.ops.load_library(str(build()))
+                _loaded = True
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _why_not = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        else:
+            _loaded = True
+        if _loaded:
+            _register_fakes()
+    return _loaded
+
+
+def describe() -> str:
+    """One line for banners: which kernels the int8/int4 modules run."""
+    if available():
+        isa = "AVX2" if torch.ops.minillama.uses_avx2() else "plain C++, no AVX2"
+        return f"minillama's int8-activation kernels ({isa})"
+    return f"torch's weight-only kernels ({_why_not})"
+
+
+def compiler() -> str | None:
+    """$CXX, else g++ or c++ on the PATH; None when there is none."""
+    return shutil.which(os.environ.get("CXX") or "g++") or (None if os.environ.get("CXX") else shutil.which("c++"))
+
+
+def build() -> Path:
+    """The compiled library, from the cache or built now (~10 s); raises OSError/SubprocessError when it cannot."""
+    from torch.utils import cpp_extension
+
+    from minillama.hub import cache_dir
+
+    cxx = compiler()
+    if cxx is None:
+        raise OSError(f"no C++ compiler found ({os.environ.get('CXX') or 'g++'}; install g++, or set CXX)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + torch.__version__.encode() + cpu_flags().encode() + cxx.encode()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"minillama_kernels-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    libs = cpp_extension.library_paths()[0]
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        built = Path(tmp) / out.name
+        cmd = [cxx, "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w",
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE),
+               f"-L{libs}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{libs}", "-o", str(built)]
+        if sys.stderr.isatty():
+            print("minillama: compiling its CPU kernels once (about 10 s) ...", file=sys.stderr, flush=True)
+        result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            raise OSError(f"compiling {SOURCE.name} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+        os.replace(built, out)  # atomic: another process building the same key sees all or nothing
+    return out
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags (/proc/cpuinfo), part of the cache key: `-march=native` code for one CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile, which traces the ops without running them."""
+    if getattr(_register_fakes, "done", False):
+        return
+
+    @torch.library.register_fake("minillama::int4_linear")
+    def _(x, qs, scales, zeros):
+        return x.new_empty(x.shape[0], qs.shape[0])
+
+    @torch.library.register_fake("minillama::int8_linear")
+    def _(x, qs, scales):
+        return x.new_empty(x.shape[0], qs.shape[0])
+
+    _register_fakes.done = True
