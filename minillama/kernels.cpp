@@ -221,6 +221,44 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tens
   return out;
 }
 
+// The weights as float32 (N, K), for a prompt's chunk of many rows, which a float matmul serves best: one pass,
+// the same float32 steps as the reference (-ffp-contract=off keeps q * scale + zero two roundings).
+at::Tensor int4_dequantize(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& z) {
+  const int64_t N = qs.size(0), K = 2 * qs.size(1), B = K / QK;
+  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && d.sizes() == z.sizes() && d.size(0) == N &&
+              d.size(1) == B && d.is_contiguous() && z.is_contiguous(), "int4_dequantize: wrong layout");
+  auto out = at::empty({N, K}, d.options());
+  const uint8_t* w = qs.data_ptr<uint8_t>();
+  const float *wd = d.data_ptr<float>(), *wz = z.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N * B, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i++) {  // block i: 16 bytes in, 32 floats out
+      const uint8_t* p = w + i * QK / 2;
+      float* out_block = o + i * QK;
+      for (int64_t j = 0; j < QK / 2; j++) {
+        out_block[j] = static_cast<float>((p[j] & 15) - 8) * wd[i] + wz[i];
+        out_block[j + QK / 2] = static_cast<float>((p[j] >> 4) - 8) * wd[i] + wz[i];
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor int8_dequantize(const at::Tensor& qs, const at::Tensor& d) {
+  const int64_t N = qs.size(0), K = qs.size(1), B = K / QK;
+  TORCH_CHECK(qs.scalar_type() == at::kChar && qs.is_contiguous() && K % QK == 0 && d.size(0) == N &&
+              d.size(1) == B && d.is_contiguous(), "int8_dequantize: wrong layout");
+  auto out = at::empty({N, K}, d.options());
+  const int8_t* w = qs.data_ptr<int8_t>();
+  const float* wd = d.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N * B, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i++)
+      for (int64_t j = 0; j < QK; j++) o[i * QK + j] = static_cast<float>(w[i * QK + j]) * wd[i];
+  });
+  return out;
+}
+
 bool uses_avx2() {
 #ifdef MINILLAMA_AVX2
   return true;
@@ -234,10 +272,14 @@ bool uses_avx2() {
 TORCH_LIBRARY(minillama, lib) {
   lib.def("int4_linear(Tensor x, Tensor qs, Tensor scales, Tensor zeros) -> Tensor");
   lib.def("int8_linear(Tensor x, Tensor qs, Tensor scales) -> Tensor");
+  lib.def("int4_dequantize(Tensor qs, Tensor scales, Tensor zeros) -> Tensor");
+  lib.def("int8_dequantize(Tensor qs, Tensor scales) -> Tensor");
   lib.def("uses_avx2() -> bool", &uses_avx2);
 }
 
 TORCH_LIBRARY_IMPL(minillama, CPU, lib) {
   lib.impl("int4_linear", &int4_linear);
   lib.impl("int8_linear", &int8_linear);
+  lib.impl("int4_dequantize", &int4_dequantize);
+  lib.impl("int8_dequantize", &int8_dequantize);
 }

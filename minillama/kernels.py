@@ -10,6 +10,8 @@ of a weight block serves every row, and its 32 products are two AVX2 instruction
     torch.ops.minillama.int4_linear(x, qs, scales, zeros)   w = (q - 8) * scale + zero, q in 0..15
     torch.ops.minillama.int8_linear(x, qs, scales)          w = q * scale, q int8
         x (M, K) float32 -> (M, N) float32; scales, zeros (N, B) float32, one per block of 32 inputs
+    torch.ops.minillama.int4_dequantize(qs, scales, zeros), int8_dequantize(qs, scales) -> w (N, K) float32
+        for a prompt's many rows, which a float matmul serves best (`dequantize_int4_reference`)
 
 `int4_linear_reference` and `int8_linear_reference` below define them in PyTorch, step for step;
 tests/test_kernels.py holds the ops to them. The C++ is compiled at first use with g++ (which torch.compile
@@ -68,6 +70,17 @@ def int8_linear_reference(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tenso
     return (dots * scales[None] * xd[:, None]).sum(-1)
 
 
+def dequantize_int4_reference(qs: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """w (N, K) float32 = (q - 8) * scale + zero, block by block."""
+    q = unpack_int4(qs).reshape(qs.shape[0], -1, QK).float()  # (N, B, 32)
+    return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(qs.shape[0], -1)
+
+
+def dequantize_int8_reference(qs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """w (N, K) float32 = q * scale, block by block."""
+    return (qs.reshape(qs.shape[0], -1, QK).float() * scales[..., None]).reshape(qs.shape)
+
+
 # ---- The layouts -------------------------------------------------------------------------------------------
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -103,7 +116,7 @@ def available() -> bool:
         _loaded = False
         if os.environ.get("MINILLAMA_KERNELS", "").lower() == "torch":
             _why_not = "MINILLAMA_KERNELS=torch"
-        elif not hasattr(torch.ops, "minillama") or not hasattr(torch.ops.minillama, "int4_linear"):
+        elif not hasattr(torch.ops, "minillama") or not hasattr(torch.ops.minillama, "int4_dequantize"):
             try:
                 torch.ops.load_library(str(build()))
                 _loaded = True
@@ -147,7 +160,7 @@ def build() -> Path:
     libs = cpp_extension.library_paths()[0]
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
-        cmd = [cxx, "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w",
+        cmd = [cxx, "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-w",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE),
                f"-L{libs}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{libs}", "-o", str(built)]
@@ -185,5 +198,13 @@ def _register_fakes() -> None:
     @torch.library.register_fake("minillama::int8_linear")
     def _(x, qs, scales):
         return x.new_empty(x.shape[0], qs.shape[0])
+
+    @torch.library.register_fake("minillama::int4_dequantize")
+    def _(qs, scales, zeros):
+        return scales.new_empty(qs.shape[0], 2 * qs.shape[1])
+
+    @torch.library.register_fake("minillama::int8_dequantize")
+    def _(qs, scales):
+        return scales.new_empty(qs.shape)
 
     _register_fakes.done = True

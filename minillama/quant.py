@@ -146,6 +146,8 @@ class Int8Linear(nn.Module):
         return self.qweight.transpose(0, 1).reshape(self.out_features, -1), self.scales.t().float()
 
     def dequantize(self) -> torch.Tensor:
+        if self.kernel == "minillama":  # in one pass (a long prompt's chunk does this per call)
+            return torch.ops.minillama.int8_dequantize(self.qweight, self.scales)
         return dequantize_int8(*self.quantized())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -262,9 +264,8 @@ class Int4Linear(nn.Module):
         return pack_nibbles(q.to(torch.uint8)), scales.t().contiguous(), zeros.t().contiguous()
 
     def dequantize(self) -> torch.Tensor:
-        if self.kernel == "minillama":  # straight from the kernel's layout (a long prompt does this per call)
-            q = kernels.unpack_int4(self.packed).reshape(self.out_features, -1, QK).float()  # (N, K/32, 32)
-            return ((q - 8) * self.scales[..., None] + self.zeros[..., None]).reshape(self.out_features, -1)
+        if self.kernel == "minillama":  # in one pass (a long prompt's chunk does this per call)
+            return torch.ops.minillama.int4_dequantize(self.packed, self.scales, self.zeros)
         qweight, scales, zeros = self.quantized()
         return dequantize_int4(unpack_nibbles(qweight), scales, zeros)
 

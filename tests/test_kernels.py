@@ -38,6 +38,15 @@ def test_ops_equal_their_definitions(M, N, K):
     torch.testing.assert_close(y, ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
 
 
+def test_dequantize_ops_equal_their_definitions_bit_for_bit():
+    w = weights(40, 288, seed=5)
+    qs = kernels.pack_int4(w["q4"])
+    assert torch.equal(torch.ops.minillama.int4_dequantize(qs, w["scales"], w["zeros"]),
+                       kernels.dequantize_int4_reference(qs, w["scales"], w["zeros"]))
+    assert torch.equal(torch.ops.minillama.int8_dequantize(w["q8"], w["scales"]),
+                       kernels.dequantize_int8_reference(w["q8"], w["scales"]))
+
+
 def test_definitions_are_the_dequantized_weights_times_quantized_activations():
     w = weights(24, 64, seed=1)
     x = torch.randn(3, 64)
