@@ -264,3 +264,22 @@ def test_the_serving_benchmark_runs_end_to_end(chat_model, tmp_path):
                for rec in records)
     assert all(rec["ttft_p50_ms"] > 0 and rec["itl_p99_ms"] >= rec["itl_p50_ms"] for rec in records)
     assert "minillama: output tok/s at 2 =" in r.stdout
+
+
+def test_the_decode_profile_splits_each_step(smollm2_q4_dir, smollm2_cache):
+    """scripts/profile_decode.py on the default model's Q4_1 weights: one table row per case whose categories
+    add up to the step's wall time (Python/dispatch is the rest), with the matrix kernels a real share."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "profile_decode.py"), "--rows", "1,2", "--steps", "3",
+                        "--prompt-len", "8"], env={**os.environ, "MINILLAMA_CACHE": str(smollm2_cache)},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| engine")]
+    assert [row[0].strip() for row in rows] == ["engine, 1 row", "engine, 2 rows"]
+    for row in rows:
+        ms, *parts = map(float, row[1:])
+        assert abs(sum(parts) - ms) <= 0.02 * ms + 0.1 and parts[0] > 0.1 * ms  # matrix kernels
