@@ -5,6 +5,10 @@ the caller can stream text; once it is exhausted, `.stop_reason` says why it end
 "stop_string" or "context"). Sampling settings and stop rules live in `GenerationConfig`, whose defaults
 are transformers' and which a model directory's `generation_config.json` overrides.
 
+With `prompt_lookup_num_tokens=K` (one prompt, eager engine) each forward also feeds up to K draft tokens
+copied from earlier in the text (lookup.py) and keeps those the model would have chosen anyway: the same
+tokens, fewer forwards.
+
 This is the one generation loop. It drives an *engine*, anything with `forward(ids, input_pos, ...)` ->
 last logits over its own KV cache: `EagerEngine` (model.forward, any batch) or `fast.CompiledEngine` (the
 same forward compiled for one token, CUDA graphs on a GPU). Every stop rule, the repetition history, and
@@ -30,6 +34,7 @@ import torch
 from minillama.capture import active_taps
 from minillama.errors import MinillamaError, read_json_object
 from minillama.fast import compiled_engine_applies, compiled_engine_for
+from minillama.lookup import check_prompt_lookup, find_draft
 from minillama.sampling import SamplingSettings, check_sampling_args, make_generator, next_token, seen_tokens
 from minillama.stopping import STOP_CONTEXT, STOP_EOS, STOP_LENGTH, STOP_STRING, stop_reason  # noqa: F401 (re-exported)
 
@@ -47,6 +52,7 @@ class GenerationConfig(SamplingSettings):
     eos_token_id: list[int] = field(default_factory=list)  # stop when any of these is generated
     pad_token_id: int | None = None  # what finished rows of a batch yield (default: the first eos id, else 0)
     stop_strings: list[str] = field(default_factory=list)  # stop when the generated text contains one
+    prompt_lookup_num_tokens: int | None = None  # draft tokens per forward copied from the text (lookup.py); 0: off
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "generation_config.json") -> GenerationConfig:
@@ -112,6 +118,7 @@ class GenerationConfig(SamplingSettings):
         check_sampling_args(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                             repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens,
                             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
+        check_prompt_lookup(self.prompt_lookup_num_tokens)
 
     @property
     def pad_id(self) -> int:
@@ -163,21 +170,34 @@ class EagerEngine:
                             key_padding_mask=key_padding_mask, logits_to_keep=1)  # (B, 1, V)
         return logits[:, -1]
 
+    @torch.inference_mode()
+    def forward_all(self, ids: torch.Tensor, input_pos: int) -> torch.Tensor:
+        """Every position's logits (B, T, V) for ids (B, T) written at slot input_pos: what prompt lookup
+        checks its draft with (a chunk after the cached tokens, like a prefill's)."""
+        return self.model(ids, cache=self.cache, input_pos=input_pos)
 
-def _pick_engine(model: torch.nn.Module, engine: Any, B: int, padded: bool, needed: int) -> Any:
+
+def _pick_engine(model: torch.nn.Module, engine: Any, B: int, padded: bool, needed: int, lookup: bool) -> Any:
     """The engine a `generate` call runs on: the one given, or a new one of the named kind."""
     if engine is not None and not isinstance(engine, str):
         return engine  # a running engine (a chat's): it holds the tokens before input_pos
     if engine is None:  # compiled where it pays: one unpadded prompt on a GPU, no capture/intervene hooks
-        applies = B == 1 and not padded and compiled_engine_applies(model) and not active_taps(model)
+        applies = B == 1 and not padded and compiled_engine_applies(model) and not active_taps(model) and not lookup
         engine = "compiled" if applies and model.device.type == "cuda" else "eager"
     if engine == "eager":  # a cache just long enough for this call (the last token is never fed back)
         return EagerEngine(model, model.new_cache(B, needed))
     if engine == "compiled":
+        if lookup:
+            raise MinillamaError(LOOKUP_ENGINE)
         if B != 1 or padded:
             raise MinillamaError("engine='compiled' runs one unpadded prompt; use engine='eager' for batches")
         return compiled_engine_for(model, needed)
     raise MinillamaError(f"engine={engine!r}: choose 'eager' or 'compiled'")
+
+
+# Prompt lookup checks 1 + K tokens per forward; the compiled engine's graph takes one.
+LOOKUP_ENGINE = ("prompt lookup runs on the eager engine (the compiled step takes one token per forward); "
+                 "use engine='eager' (--engine eager) or turn prompt lookup off")
 
 
 # ---- Reading tokens behind the device ----------------------------------------------------------------
@@ -240,11 +260,14 @@ class Generation:
         engine        the engine, whose KV cache holds `input_pos` tokens (the last generated one is not in it)
         input_pos     how many tokens the cache holds: the one position counter. Pass `engine` and
                       `input_pos` to the next `generate` to continue.
+        drafted       prompt lookup: draft tokens fed to the model so far
+        accepted      of those, the ones the model agreed with: each one a token without a forward of its own
     """
 
     def __init__(self, engine: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  config: GenerationConfig, generator: torch.Generator | None, input_pos: int, limit: int,
-                 tokenizer: Any, batched: bool, history: Sequence[int] | None = None):
+                 tokenizer: Any, batched: bool, history: Sequence[int] | None = None,
+                 cached_ids: Sequence[int] | None = None):
         self.engine, self.config, self.generator, self.tokenizer = engine, config, generator, tokenizer
         self.batched, self.input_pos, self.limit = batched, input_pos, limit
         B, T = input_ids.shape
@@ -252,7 +275,11 @@ class Generation:
         self.stop_reasons: list[str | None] = [None] * B
         self.tokens: list[list[int]] = [[] for _ in range(B)]
         self.vocab_size = engine.model.config.vocab_size
-        self._steps = self._run(input_ids, attention_mask, history)
+        self.drafted = self.accepted = 0
+        if config.prompt_lookup_num_tokens:
+            self._steps = self._run_lookup(input_ids, history, list(cached_ids or []))
+        else:
+            self._steps = self._run(input_ids, attention_mask, history)
 
     @property
     def stop_reason(self) -> str | None:
@@ -289,6 +316,43 @@ class Generation:
                 logits = self.engine.forward(ids[:, None], start + T + step, position_ids, key_padding_mask)
         while len(pipe) and not all(r is not None for r in self.stop_reasons):
             yield from self._emit(*pipe.pop(), finished)
+
+    def _run_lookup(self, input_ids: torch.Tensor, history: Sequence[int] | None,
+                    cached_ids: list[int]) -> Iterator[int]:
+        """The loop with prompt lookup (lookup.py), for one unpadded prompt: each forward feeds the last chosen
+        token and a draft of up to K tokens copied from earlier in the text, then chooses the next token after
+        every position in turn, as `_run` would after each step, for as long as its choice equals the draft.
+
+        Exact: every token is chosen by `_choose` from the logits after exactly the tokens before it, with the
+        penalties and the sampling draw `_run` would use at that step (one draw per token chosen, in order), so
+        seeded sampling gives the same tokens too. Rejected drafts' keys/values stay in the cache past
+        `input_pos`, where the next forward writes over them before anything attends to them."""
+        K = self.config.prompt_lookup_num_tokens
+        seen = self._seen(input_ids, None, history)  # (1, V)
+        finished = torch.zeros(1, dtype=torch.bool, device=input_ids.device)
+        penalties = self.config.presence_penalty or self.config.frequency_penalty
+        counts = torch.zeros(1, self.vocab_size, device=input_ids.device) if penalties else None  # (1, V)
+        text = cached_ids + input_ids[0].tolist()  # what drafts are copied from; each chosen token joins it
+
+        rows = self.engine.forward(input_ids, self.input_pos)  # the prefill: logits (1, V) after the prompt
+        draft: list[int] = []
+        while True:
+            for i in range(len(rows)):  # row i: the logits after the last token and draft[:i]
+                ids, healthy = self._choose(rows[i:i + 1], seen, finished, counts)
+                token = int(ids[0])
+                yield from self._emit([token], bool(healthy), finished)
+                if self.stop_reasons[0] is not None:
+                    return
+                text.append(token)
+                if i == len(draft) or token != draft[i]:
+                    break  # the model chose otherwise (or the draft is used up): what follows is not valid
+                self.accepted += 1
+            # `token` is in no cache yet; it goes to slot input_pos, its draft after it. Never draft past the
+            # limit: a forward of n rows chooses up to n tokens.
+            draft = find_draft(text, min(K, self.limit - len(self.tokens[0]) - 1))
+            self.drafted += len(draft)
+            fed = torch.tensor([[token, *draft]], device=input_ids.device)  # (1, 1 + len(draft))
+            rows = self.engine.forward_all(fed, self.input_pos)[0]  # (1 + len(draft), V)
 
     def _padding(self, attention_mask: torch.Tensor | None, B: int, T: int):
         """For a left-padded batch: RoPE positions of the prompt (B, T), the key mask over every cache slot
@@ -361,7 +425,7 @@ def generate(model: torch.nn.Module, input_ids: Any, generation_config: Generati
              attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
              engine: str | Any | None = None, input_pos: int = 0, tokenizer: Any = None,
              stop_strings: list[str] | None = None, history: Sequence[int] | None = None,
-             stop_at_context: bool = False, **overrides: Any) -> Generation:
+             cached_ids: Sequence[int] | None = None, stop_at_context: bool = False, **overrides: Any) -> Generation:
     """Generate tokens after a prompt; returns a `Generation` that yields them one step at a time.
 
     input_ids:         one prompt (list of ints, 1-D tensor or (1, T)) -> yields ints;
@@ -378,8 +442,14 @@ def generate(model: torch.nn.Module, input_ids: Any, generation_config: Generati
     tokenizer:         needed for stop strings (anything with `decode(ids) -> str`)
     history:           one prompt only: ids already in the cache (a chat's earlier turns) that the
                        repetition penalty counts too, as it would if the whole conversation were fed again
+    cached_ids:        one prompt only: the `input_pos` ids the running engine's cache holds, which prompt
+                       lookup copies drafts from too (the prompt and the reply always count)
     stop_at_context:   when prompt + max_new_tokens do not fit the context, generate until it is full and
                        stop with reason "context" (a chat does this); False: refuse the request
+
+    Prompt lookup (`prompt_lookup_num_tokens=K`, lookup.py): one prompt on the eager engine; the tokens are
+    those without it, greedy or seeded (up to the rounding a K + 1-token forward changes); `Generation.drafted`
+    and `.accepted` count its drafts.
 
     Every check (settings, ids, context length) happens here, before any model work.
     """
@@ -411,12 +481,19 @@ def generate(model: torch.nn.Module, input_ids: Any, generation_config: Generati
         limit = context - input_pos - T
     if history and B != 1:
         raise MinillamaError("history= is for a single prompt; a batch passes its full ids instead")
+    lookup = bool(config.prompt_lookup_num_tokens)
+    if cached_ids is not None and len(cached_ids) != input_pos:
+        raise MinillamaError(f"cached_ids holds {len(cached_ids)} ids but the cache holds input_pos={input_pos}")
+    if lookup and (B != 1 or attention_mask is not None):
+        raise MinillamaError("prompt lookup decodes one unpadded prompt; turn it off for a batch or a padded prompt")
+    if lookup and running and not hasattr(engine, "forward_all"):
+        raise MinillamaError(LOOKUP_ENGINE)
     if generator is None and not config.is_greedy:
         generator = make_generator(model.device)  # fresh entropy; pass a seeded generator to reproduce a run
 
-    engine = _pick_engine(model, engine, B, attention_mask is not None, input_pos + T + limit)
+    engine = _pick_engine(model, engine, B, attention_mask is not None, input_pos + T + limit, lookup)
     return Generation(engine, input_ids, attention_mask, config, generator, input_pos, limit, tokenizer, batched,
-                      history)
+                      history, cached_ids)
 
 
 def _check_prompt(model: torch.nn.Module, input_ids: Any, attention_mask: Any, config: GenerationConfig,
