@@ -31,8 +31,8 @@ import torch
 from minillama.config import check_generation_file
 from minillama.errors import MinillamaError, read_json_object
 from minillama.fast import CompiledEngine, compiled_engine_applies
-from minillama.generation import (STOP_CONTEXT, STOP_EOS, STOP_LENGTH, STOP_STRING, EagerEngine, Generation,
-                                  GenerationConfig, generate)
+from minillama.generation import (LOOKUP_ENGINE, STOP_CONTEXT, STOP_EOS, STOP_LENGTH, STOP_STRING, EagerEngine,
+                                  Generation, GenerationConfig, generate)
 from minillama.memory import available_bytes
 from minillama.sampling import make_generator
 
@@ -102,6 +102,9 @@ def describe_sampling(config: GenerationConfig, sources: dict[str, str]) -> str:
                   (f"min-p {config.min_p:g}" if config.min_p else "min-p off", sources["min_p"])]
     values += [(f"repeat-penalty {config.repetition_penalty:g}", sources["repetition_penalty"]),
                (f"max-new-tokens {config.max_new_tokens}", sources["max_new_tokens"])]
+    if config.prompt_lookup_num_tokens:  # set by --prompt-lookup, or by a transformers generation_config.json
+        values.append((f"prompt-lookup {config.prompt_lookup_num_tokens}",
+                       sources.get("prompt_lookup_num_tokens", FROM_MODEL)))
     groups: dict[str, list[str]] = {}
     for text, source in values:
         groups.setdefault(source, []).append(text)
@@ -132,6 +135,8 @@ class TurnStats:
     context_used: int  # tokens in the conversation after this turn
     context_size: int  # tokens the context holds
     max_new_tokens: int | None = None  # the length limit in force, named when the reply reached it
+    drafted: int = 0  # prompt lookup: draft tokens the model checked
+    accepted: int = 0  # of those, the ones it agreed with (tokens that cost no forward of their own)
 
     def line(self) -> str:
         """One line for the user, llama.cpp style: prompt and generation speed, context, why the reply ended."""
@@ -140,6 +145,8 @@ class TurnStats:
         reply = f"{self.generated_tokens} token{'s' * (self.generated_tokens != 1)}"
         if decode_steps and self.generate_seconds:  # one token has no decode speed ("0.0 tok/s" misled)
             reply += f", {decode_steps / self.generate_seconds:.1f} tok/s"
+        if self.drafted:
+            reply += f", {self.accepted}/{self.drafted} drafts accepted"
         return (f"[prompt: {self.prompt_tokens} token{'s' * (self.prompt_tokens != 1)}, {prompt_rate:.1f} tok/s | "
                 f"reply: {reply} | "
                 f"context: {self.context_used}/{self.context_size} | "
@@ -153,6 +160,9 @@ class ChatSession:
             GPU; call `engine.warmup()` before the first reply to compile up front); None: compiled on a GPU
             where it applies, eager elsewhere. The session keeps one engine, whose KV cache holds the
             conversation so far.
+
+    With `prompt_lookup_num_tokens` in the settings, replies copy drafts from the whole conversation
+    (lookup.py) on the eager engine, and give the same tokens as without.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, generation_config: GenerationConfig,
@@ -165,6 +175,10 @@ class ChatSession:
             self.context, self.context_note = default_context(model)
         else:
             self.context = min(model.config.max_position_embeddings, context)
+        if self.config.prompt_lookup_num_tokens:  # its 1 + K-token forwards need the eager engine
+            if engine == "compiled":
+                raise MinillamaError(LOOKUP_ENGINE)
+            engine = "eager"
         self.engine = new_engine(model, engine, self.context)
         self.system = system
         self.clear()
@@ -224,7 +238,8 @@ class ChatSession:
             n = len(generation.tokens[0])
             self.last_stats = TurnStats(len(ids) - reused, (first if n else end) - start, n,
                                         end - first if n else 0.0, generation.stop_reason or STOP_INTERRUPTED,
-                                        len(ids) + n, self.context, self.config.max_new_tokens)
+                                        len(ids) + n, self.context, self.config.max_new_tokens,
+                                        generation.drafted, generation.accepted)
 
     def prompt_ids(self, text: str | None = None) -> list[int]:
         """The conversation (and a new user message) as the ids the model reads, ending with the reply header."""
@@ -326,7 +341,8 @@ def reply_generation(model: torch.nn.Module, ids: list[int], config: GenerationC
                      **kwargs) -> Generation:
     """The reply to a rendered conversation `ids` whose first `reused` tokens are in `engine`'s cache: the rest
     but the last token is prefilled here, and generate() runs from that last one, so that the repetition penalty
-    counts what `penalty_history` keeps (generate() counts every token it is given). kwargs go to generate()."""
+    counts what `penalty_history` keeps (generate() counts every token it is given), and prompt lookup copies
+    drafts from all of `ids`. kwargs go to generate()."""
     vocab = model.config.vocab_size
     if ids and max(ids) >= vocab:  # generate() checks only the ids it is given
         raise MinillamaError(f"token id {max(ids)} is outside the model's vocabulary (0..{vocab - 1}); "
@@ -338,7 +354,7 @@ def reply_generation(model: torch.nn.Module, ids: list[int], config: GenerationC
     if len(ids) - reused > 1:
         engine.forward(torch.tensor([ids[reused:-1]], device=model.device), reused)
     return generate(model, ids[-1:], config, engine=engine, input_pos=len(ids) - 1,
-                    history=penalty_history(ids[:-1], config.eos_token_id), **kwargs)
+                    history=penalty_history(ids[:-1], config.eos_token_id), cached_ids=ids[:-1], **kwargs)
 
 
 def penalty_history(ids: list[int], end_of_turn: list[int]) -> list[int]:

@@ -175,6 +175,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                                                             "file's, at most 4096, else 256)")
     g.add_argument("--seed", type=int, help="seed for reproducible sampling")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument("--prompt-lookup", type=int, metavar="K",
+                   help="prompt-lookup decoding: each forward also checks up to K draft tokens copied from earlier "
+                        "in the conversation; the same tokens, fewer forwards where the reply repeats the prompt "
+                        "(eager engine; 0: off, the default; docs/benchmarks.md)")
     add_engine_args(g)
 
 
@@ -197,6 +201,10 @@ def add_steer_args(p: argparse.ArgumentParser) -> None:
 
 def engine_choice(args: argparse.Namespace, device: torch.device, rope_type: str | None) -> str:
     """The engine the flags ask for, or the default for this device and model."""
+    if getattr(args, "prompt_lookup", None):  # 1 + K tokens per forward: the compiled step takes one
+        if getattr(args, "engine", None) == "compiled":
+            raise MinillamaError("--prompt-lookup runs on the eager engine; drop --engine compiled")
+        return "eager"
     if getattr(args, "steer", None):  # hooks run on the eager engine only (the compiled one refuses them)
         if getattr(args, "engine", None) == "compiled":
             raise MinillamaError("--steer runs on the eager engine; drop --engine compiled")
@@ -213,7 +221,8 @@ def engine_choice(args: argparse.Namespace, device: torch.device, rope_type: str
 def sampling_overrides(args: argparse.Namespace) -> dict:
     """The sampling flags the user gave, as GenerationConfig fields (None: keep the model's default)."""
     overrides = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                     repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens)
+                     repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                     prompt_lookup_num_tokens=getattr(args, "prompt_lookup", None))
     if args.greedy:
         overrides["do_sample"] = False
     elif args.temperature is not None and args.temperature > 0:
@@ -223,9 +232,11 @@ def sampling_overrides(args: argparse.Namespace) -> dict:
 
 def check_sampling_flags(args: argparse.Namespace) -> None:
     """The sampling flags' values checked before anything loads, with messages that name the flag."""
+    from minillama.lookup import check_prompt_lookup
     from minillama.sampling import check_sampling_args
 
-    values = {k: v for k, v in sampling_overrides(args).items() if k != "do_sample"}
+    check_prompt_lookup(getattr(args, "prompt_lookup", None), "--prompt-lookup")
+    values = {k: v for k, v in sampling_overrides(args).items() if k not in ("do_sample", "prompt_lookup_num_tokens")}
     try:
         check_sampling_args(**values)
     except MinillamaError as e:

@@ -93,5 +93,6 @@ def run(args: argparse.Namespace) -> int:
     n = len(generation.tokens[0])
     first = first or end
     eprint(TurnStats(len(ids), first - start, n, end - first, generation.stop_reason or STOP_INTERRUPTED,
-                     len(ids) + n, loaded.model.config.max_position_embeddings, config.max_new_tokens).line())
+                     len(ids) + n, loaded.model.config.max_position_embeddings, config.max_new_tokens,
+                     generation.drafted, generation.accepted).line())
     return 0 if generation.stop_reason else 130
