@@ -15,6 +15,9 @@ The KV cache has `slots` rows, one request per row, each with its own length. On
   4. chooses every row's next token in one vectorised call of sampling.py's pure functions, each row with its
      own settings ((B, 1) tensors kept per slot) and its own seed (`sample_seeded`);
   5. applies the stop rules (stopping.py, the ones `generate` uses) and hands each request its token.
+A request with `prompt_lookup_num_tokens=K` whose text so far offers a draft (lookup.py) decodes apart from the
+batch: its last token and the draft go in as one chunk at its position (1, 1 + K), and every token the model
+chooses there as the draft guessed is one more token in the same step, chosen exactly as the batch would have.
 
 Under tensor parallelism (torchrun, `load_model(tp=True)`) every rank runs the same engine: rank 0 takes the
 requests and cancellations in and sends them to the others at the start of each step (`SharedInbox`), so every
@@ -39,6 +42,7 @@ import torch
 from minillama.errors import MinillamaError
 from minillama.generation import END_OF_TURN_TOKENS
 from minillama.kv_cache import CacheRows
+from minillama.lookup import check_prompt_lookup, find_draft
 from minillama.request import (MAX_LOGPROBS, STOP_CANCELLED, STOP_ERROR, EngineFull, Handle, Piece,  # noqa: F401
                                Request)
 from minillama.sampling import (SamplingSettings, check_sampling_args, check_seed, greedy, is_off, penalize,
@@ -120,7 +124,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.counters = {"finished": 0, "cancelled": 0, "refused": 0, "errors": 0, "prompt_tokens": 0,
-                         "cached_tokens": 0, "output_tokens": 0, "steps": 0}
+                         "cached_tokens": 0, "output_tokens": 0, "steps": 0, "drafted": 0, "accepted": 0}
         self.shared = SharedInbox() if SharedInbox.needed() else None  # tensor parallel: rank 0's plan for all
 
     # ---- The caller's side (any thread) ---------------------------------------------------------------
@@ -159,6 +163,7 @@ class Engine:
             raise MinillamaError(f"logprobs must be a whole number from 0 to {MAX_LOGPROBS}, got {r.logprobs!r}")
         if r.seed is not None:
             check_seed(r.seed)
+        check_prompt_lookup(r.prompt_lookup_num_tokens)
         if r.stop and self.tokenizer is None:
             raise MinillamaError("stop strings need the engine's tokenizer; pass tokenizer= to Engine")
 
@@ -250,10 +255,12 @@ class Engine:
                 return False
             self.counters["steps"] += 1
             seqs, logits = [], []
+            drafts = {s.slot: d for s in decode if (d := self._draft(s))}  # prompt lookup: these decode apart
             try:
-                if decode:
-                    logits.append(self._decode(decode))
-                    seqs += decode
+                batch = [s for s in decode if s.slot not in drafts]
+                if batch:
+                    logits.append(self._decode(batch))
+                    seqs += batch
                 if prefill is not None:
                     seq, start, end = prefill
                     last = self._prefill(seq, start, end)
@@ -262,6 +269,9 @@ class Engine:
                         seqs.append(seq)
                 if seqs:
                     self._emit(seqs, *self._choose(seqs, torch.cat(logits)))
+                for seq in decode:
+                    if seq.slot in drafts:
+                        self._verify(seq, drafts[seq.slot])
             except Exception as e:  # a failing forward ends the requests in it, not the engine
                 for seq in ([*decode] + ([prefill[0]] if prefill else [])):
                     if seq.slot is not None:
@@ -311,6 +321,29 @@ class Engine:
         pos = torch.tensor(positions, device=device)  # (B,) where each row's token goes
         cache = CacheRows(self.cache, self._rows([s.slot for s in seqs]), max(positions) + 1)
         return self.model(ids, cache=cache, input_pos=pos, logits_to_keep=1)[:, -1]
+
+    def _draft(self, seq: Sequence) -> list[int]:
+        """Prompt lookup: the tokens that followed the latest earlier occurrence of the request's last few, never
+        more than the tokens it may still generate after the next one; [] when off or nothing recurs."""
+        k = min(seq.request.prompt_lookup_num_tokens, seq.request.max_tokens - len(seq.tokens) - 1)
+        return find_draft(seq.prompt + seq.tokens, k) if k > 0 else []
+
+    def _verify(self, seq: Sequence, draft: list[int]) -> None:
+        """One request's last token and its draft as one chunk at its position; the logits after each position
+        choose its next token in turn (its own settings, penalties and seeded draw: `_choose` as in the batch),
+        for as long as the choice equals the draft. The rejected drafts' keys/values stay past the request's
+        length, where its next step writes before anything attends to them."""
+        device = self.model.device
+        pos = len(seq.prompt) + len(seq.tokens) - 1  # the slot of its last token
+        ids = torch.tensor([[seq.tokens[-1], *draft]], device=device)  # (1, 1 + k)
+        cache = CacheRows(self.cache, slice(seq.slot, seq.slot + 1), pos + len(ids[0]))
+        rows = self.model(ids, cache=cache, input_pos=torch.tensor([pos], device=device))[0]  # (1 + k, V)
+        self.counters["drafted"] += len(draft)
+        for i in range(len(rows)):
+            self._emit([seq], *self._choose([seq], rows[i:i + 1]))
+            if seq.slot is None or i == len(draft) or seq.tokens[-1] != draft[i]:
+                return  # it ended, the draft is used up, or the model chose otherwise
+            self.counters["accepted"] += 1
 
     def _prefill(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Prompt tokens [start, end) of one request into its slot: the last one's logits (1, V)."""

@@ -37,6 +37,7 @@ class Request:
     stop: list[str] = field(default_factory=list)  # stop strings, never part of the text
     eos_token_ids: list[int] | None = None  # None: the engine's (the model's eos and end-of-turn tokens)
     logprobs: int | None = None  # None: no log-probs; N >= 0: the chosen token's and the N most likely
+    prompt_lookup_num_tokens: int = 0  # draft tokens per step copied from the prompt and reply (lookup.py); 0: off
 
 
 @dataclass
