@@ -126,6 +126,7 @@ class Int8Linear(nn.Module):
             self.register_buffer("scales", torch.empty(in_features // G, out_features, dtype=KERNEL_DTYPE,
                                                        device=device), persistent=False)  # (K/G, N)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.two_pass = False  # the head: also multiply the rest that int8 activations leave out (`forward`)
 
     def set_quantized(self, q: torch.Tensor, scales: torch.Tensor) -> None:
         """Take q (N, K) int8 and scales (N, K/G) in the saved layout."""
@@ -155,7 +156,12 @@ class Int8Linear(nn.Module):
         if self.kernel == "minillama" and x2.shape[0] > KERNEL_ROWS:  # a long prompt: a float matmul pays more
             y = F.linear(x2.float(), self.dequantize())
         elif self.kernel == "minillama":
-            y = torch.ops.minillama.int8_linear(x2.float().contiguous(), self.qweight, self.scales)
+            x2 = x2.float().contiguous()
+            y = torch.ops.minillama.int8_linear(x2, self.qweight, self.scales)
+            if self.two_pass:  # x = x_hat + rest: the rest's own int8 pass leaves ~1/127 of the first error
+                xq, xd, _ = kernels.quantize_activations(x2)
+                x_hat = (xq.float().reshape(xq.shape[0], -1, QK) * xd[..., None]).reshape(x2.shape)
+                y = y + torch.ops.minillama.int8_linear(x2 - x_hat, self.qweight, self.scales)
         else:
             xg = x2.to(KERNEL_DTYPE)
             y = None
@@ -205,6 +211,7 @@ class Int8Embedding(Int8Linear):
         """The output head that reuses this table: the same int8 tensors, no copy."""
         head = Int8Linear(self.in_features, self.out_features, group_size=self.group_size, device="meta")
         head.kernel, head.qweight, head.scales = self.kernel, self.qweight, self.scales
+        head.two_pass = True  # docs/quantization.md: one pass flipped the default model's first answer
         return head
 
     def extra_repr(self) -> str:
@@ -379,6 +386,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None = None, h
             model.model.embed_tokens, model.lm_head = table, table.tied_head()
         else:
             model.lm_head = quantize_linear(model.lm_head, "int8", head_group)
+            model.lm_head.two_pass = True
     return model
 
 
@@ -469,6 +477,7 @@ def use_stored_formats(model: nn.Module, stored: dict[str, tuple[str, int]], dev
         else:
             cls = Int8Linear if kind == "int8" else Int4Linear
             new = cls(m.in_features, m.out_features, m.bias is not None, G, device="meta", dtype=dtype)
+            new.two_pass = name == "lm_head"  # an untied head, as `quantize_model` makes it
         model.set_submodule(name, new)
 
 

@@ -109,8 +109,8 @@ def test_int8_embedding_rows_and_tied_head_share_one_table():
     head = emb.tied_head()
     assert head.qweight.data_ptr() == emb.qweight.data_ptr()
     x = torch.randn(5, 64).bfloat16().float()
-    atol = activation_error_bound(head, x) + 1e-5 if head.kernel == "minillama" else 2**-7 * 64
-    assert ((head(x) - head.reference_forward(x)).abs() <= atol).all()
+    atol = activation_error_bound(head, x) / 30 + 1e-5 if head.kernel == "minillama" else 2**-7 * 64
+    assert head.two_pass and ((head(x) - head.reference_forward(x)).abs() <= atol).all()  # the head's second pass
 
 
 # ---- whole models -----------------------------------------------------------------------------------
