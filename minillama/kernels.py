@@ -110,13 +110,21 @@ _why_not = ""
 
 
 def available() -> bool:
+    """Whether quant.py's modules run these ops: opted in with MINILLAMA_KERNELS=minillama (not yet the default:
+    with them the default model's chat answer to the France question flipped at a 0.08 near-tie), and built."""
+    if os.environ.get("MINILLAMA_KERNELS", "").lower() != "minillama":
+        global _why_not
+        _why_not = "set MINILLAMA_KERNELS=minillama for minillama's own"
+        return False
+    return load()
+
+
+def load() -> bool:
     """Whether the ops are registered: built (or found in the cache) and loaded in this process."""
     global _loaded, _why_not
     if _loaded is None:
         _loaded = False
-        if os.environ.get("MINILLAMA_KERNELS", "").lower() == "torch":
-            _why_not = "MINILLAMA_KERNELS=torch"
-        elif not hasattr(torch.ops, "minillama") or not hasattr(torch.ops.minillama, "int4_dequantize"):
+        if not hasattr(torch.ops, "minillama") or not hasattr(torch.ops.minillama, "int4_dequantize"):
             try:
                 torch.ops.load_library(str(build()))
                 _loaded = True

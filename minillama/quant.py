@@ -96,9 +96,11 @@ def unpack_nibbles(packed: torch.Tensor, dtype: torch.dtype = torch.uint8) -> to
 
 # ---- The modules -------------------------------------------------------------------------------------
 
-# Above this many rows (a prompt's chunk) a module dequantizes and calls F.linear: the float matmul's blocking
-# beats the int8 kernels' one row-block at a time once the dequantization is spread over many rows.
-KERNEL_ROWS = 32
+def prompt_chunk(x: torch.Tensor) -> bool:
+    """Whether x (..., T, K) holds more than one position: a prompt's chunk (or drafts to check). Such a call
+    dequantizes and runs F.linear: float activations, the float matmul's blocking, and the same numbers however
+    a prompt is cut into chunks; decode steps (T = 1, any number of rows) take the int8 kernels."""
+    return x.dim() >= 2 and x.shape[-2] > 1
 
 
 def kernel_for(in_features: int) -> str:
@@ -153,7 +155,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.kernel == "minillama" and x2.shape[0] > KERNEL_ROWS:  # a long prompt: a float matmul pays more
+        if self.kernel == "minillama" and prompt_chunk(x):
             y = F.linear(x2.float(), self.dequantize())
         elif self.kernel == "minillama":
             x2 = x2.float().contiguous()
@@ -278,7 +280,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.kernel == "minillama" and x2.shape[0] > KERNEL_ROWS:  # a long prompt: a float matmul pays more
+        if self.kernel == "minillama" and prompt_chunk(x):
             y = F.linear(x2.float(), self.dequantize())
         elif self.kernel == "minillama":
             y = torch.ops.minillama.int4_linear(x2.float().contiguous(), self.packed, self.scales, self.zeros)

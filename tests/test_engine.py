@@ -257,8 +257,8 @@ def test_every_weight_form(long_model, prompts, form, tmp_path_factory):
 
 
 def kernel_rounding(model) -> float | None:
-    """How far int8 activations (kernels.py) can move a logit here, where they run: a prompt's small chunk takes
-    them, a long prompt alone takes float32 (quant.KERNEL_ROWS), so a near-tie can part the two runs."""
+    """How far int8 activations (kernels.py) can move a logit: decode steps take them (quant.prompt_chunk), and a
+    last-bit difference in attention can flip one block's rounding, so two runs can part at a near-tie."""
     return 0.15 if any(getattr(m, "kernel", None) == "minillama" for m in model.modules()) else None
 
 
@@ -295,8 +295,9 @@ def test_the_default_models_q4_weights(smollm2_q4_dir):
     eos = engine.eos_token_ids
     for p, h in zip(prompts, handles):
         expected = list(minillama.generate(model, p, max_new_tokens=24, eos_token_id=eos))
-        # int8 activations (kernels.py) round each block to half a step, so a last-bit difference in attention
-        # can flip one rounding and move a logit by up to ~0.4 here (measured 0.08-0.38): the bench's rule for
-        # int8 activations, 0.1 + 2% of the best logit (~0.5), is the tie; float weights keep 1e-4.
-        assert_same_greedy(model, p, expected, h.token_ids, tol=kernel_rounding(model) and 0.5 or 2e-2)
+        # Both kernels round activations (torch's to bf16, minillama's to int8 blocks), so a last-bit difference
+        # in attention can move a logit by up to ~0.4 here (measured 0.04 with torch's on an AVX2 EPYC, where
+        # 2e-2 failed before this session, and 0.08-0.38 with minillama's): the bench's rule for low-precision
+        # activations, 0.1 + 2% of the best logit (~0.5), is the tie. Float weights keep 1e-4.
+        assert_same_greedy(model, p, expected, h.token_ids, tol=0.5)
         assert h.text == tok.decode([t for t in h.token_ids if t not in eos], skip_special_tokens=True)

@@ -186,7 +186,7 @@ def tokens_checked(model, prompt: torch.Tensor, tokens: list[int]) -> float:
     Low precision can reorder near-ties, so a token passes when its logit is within rounding of the best
     (float32: 1e-3; bf16/fp16, or int8 activations: 0.1 + 2% of the best logit). A quantized model's decode
     steps quantize each activation row to 8 bits (kernels.py) while this forward over many rows multiplies
-    float32 ones (quant.KERNEL_ROWS), like bf16's rounding. A broken fast path picks tokens that are nowhere
+    float32 ones (quant.prompt_chunk), like bf16's rounding. A broken fast path picks tokens that are nowhere
     near the best, and scores far below 1.0.
     """
     ids = torch.cat([prompt, prompt.new_tensor([tokens[:-1]])], dim=1)  # the step inputs: prompt, then each token
