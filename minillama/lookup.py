@@ -49,10 +49,10 @@ def find_draft(tokens: Sequence[int], max_tokens: int, max_ngram: int = MAX_NGRA
         # An earlier occurrence ends at index `end` < L - 1 (the tail itself ends at L - 1); the latest first.
         for end in range(L - 2, n - 2, -1):
             if tokens[end] == last and list(tokens[end - n + 1:end + 1]) == tail:
-                text = list(tokens)
-                for i in range(end + 1, end + 1 + max_tokens):  # i < len(text) always: end + 1 < L
-                    text.append(text[i])
-                return text[L:]
+                draft: list[int] = []
+                for i in range(end + 1, end + 1 + max_tokens):  # past the text's end, the draft's own tokens
+                    draft.append(tokens[i] if i < L else draft[i - L])
+                return draft
     return []
 
 

@@ -19,6 +19,8 @@ than float32 F.linear), so the input is cast to bf16 and the scales are held in 
 weights rearranged by `_convert_weight_to_int4pack_for_cpu` (a layout private to torch that depends on the CPU's
 vector width), so a module holds only that packed copy and rebuilds the portable nibbles when saved.
 `reference_forward` (dequantize, then F.linear) is the readable definition the kernels are tested against.
+With MINILLAMA_KERNELS=minillama the modules run minillama's own int8-activation ops instead (kernels.py, in
+their own layout) for decode steps, and dequantize then F.linear for a prompt's chunk (`prompt_chunk`).
 """
 
 from __future__ import annotations
@@ -229,16 +231,16 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.kernel = kernel_for(in_features)
-        if self.kernel == "minillama":  # kernels.py: nibbles in llama.cpp's order, float32 values per block of 32
-            self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8,
-                                                       device=device), persistent=False)  # (N, K/2)
+        # Two nibbles a byte: llama.cpp's order for kernels.py, or torch's private one (it depends on the CPU;
+        # `quantized()` rebuilds the portable layout from either).
+        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device),
+                             persistent=False)  # (N, K/2)
+        if self.kernel == "minillama":  # float32 scale and zero per block of 32
             self.register_buffer("scales", torch.empty(out_features, in_features // QK, device=device),
                                  persistent=False)  # (N, K/32)
             self.register_buffer("zeros", torch.empty(out_features, in_features // QK, device=device),
                                  persistent=False)  # (N, K/32)
-        else:  # torch's private layout (it depends on the CPU); `quantized()` rebuilds the portable one
-            self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8,
-                                                       device=device), persistent=False)  # (N, K/2)
+        else:  # torch's kernel: bf16 (scale, zero) pairs, group-major
             self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2,
                                                                  dtype=KERNEL_DTYPE, device=device),
                                  persistent=False)  # (K/G, N, 2)

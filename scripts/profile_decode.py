@@ -15,7 +15,6 @@ Inductor's fused C++ kernels stand for most of the elementwise work.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from collections import defaultdict
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minillama
 from minillama import hub, kernels
+from minillama.bench.concurrency import cpu_line
 
 CATEGORIES = [  # (category, substrings of op names), first match wins
     ("matrix", ("minillama::int", "_weight_int", "aten::mm", "aten::addmm", "aten::bmm", "mkldnn", "aten::linear")),
@@ -40,16 +40,6 @@ def category(name: str) -> str:
         if any(k in name for k in keys):
             return cat
     return "other ops"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def split(prof: torch.profiler.profile, wall_s: float, steps: int) -> dict[str, float]:
@@ -124,7 +114,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = hub.default_model(offline=True, quantized=args.weights == "gguf")
     model, tokenizer = minillama.load_model(str(path), "cpu"), minillama.load_tokenizer(str(path))
-    print(f"{cpu_model()}, {args.threads} thread(s), torch {torch.__version__}; weights {args.weights} "
+    print(f"{cpu_line()}, {args.threads} thread(s), torch {torch.__version__}; weights {args.weights} "
           f"({kernels.describe() if args.weights == 'gguf' else 'float32 F.linear'}); prompt {args.prompt_len}")
     cases = [(f"engine, {r} row{'s' if r > 1 else ''}", lambda r=r: profile_engine(model, tokenizer, r,
                                                                                     args.prompt_len, args.steps))
