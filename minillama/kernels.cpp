@@ -15,7 +15,10 @@
 //   int4:  d[n,b] * xd[r,b] * sum_i(q_i * xq_i) + (z[n,b] - 8 d[n,b]) * xs[r,b]     (d: scale, z: zero)
 //   int8:  d[n,b] * xd[r,b] * sum_i(q_i * xq_i)
 // With AVX2 the 32 products of a block are one `maddubs` (unsigned 8-bit times signed 8-bit, pairs summed to
-// 16 bits) and one `madd` (pairs summed to 32 bits); without it, the plain loops below do the same sums.
+// 16 bits) and one `madd` (pairs summed to 32 bits). With AVX-512 VNNI one `dpbusd` takes two blocks (64
+// products summed in fours to 32 bits), and each row's block scales come spread, one per lane (`Activations`).
+// Without either, the plain loops do the same sums. -DMINILLAMA_NO_AVX512 builds the AVX2 path on a CPU that
+// has both (the tests hold each path to the reference).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -24,10 +27,16 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
+#include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && !defined(MINILLAMA_NO_AVX2)
 #include <immintrin.h>
 #define MINILLAMA_AVX2 1
+#endif
+#if defined(MINILLAMA_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
+    !defined(MINILLAMA_NO_AVX512)
+#define MINILLAMA_AVX512 1
 #endif
 
 namespace {
@@ -68,13 +77,76 @@ inline float hsum(__m256 v) {
 #endif
 
 // ---- One weight row against R activation rows ------------------------------------------------------------
-// w, d, z: the weight row's blocks; xq, xd, xs: the first of R activation rows (stride K, B); out: R outputs,
-// one per activation row, `stride` apart.
+// w, d, z: the weight row's blocks; xq, xd, xs: the first of R activation rows (stride K, B); xe: their block
+// scales spread to lanes (AVX-512 only, stride 8 B); out: R outputs, one per activation row, `stride` apart.
+
+#ifdef MINILLAMA_AVX512
+inline __m512 spread_pair(const float* d) {  // 16 lanes: d[0] in the first 8, d[1] in the last 8
+  const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(d)))));
+}
+
+inline int32_t hsum(__m256i v) { return _mm512_reduce_add_epi32(_mm512_zextsi256_si512(v)); }
+#endif
+
+// The sum over blocks of (z - 8 d) * xs: the int4 weights' offsets times each block's activation sum.
+inline float int4_offset(const float* d, const float* z, const float* xs, int64_t B) {
+  float offset = 0.0f;
+  int64_t b = 0;
+#ifdef MINILLAMA_AVX2
+  __m256 zs = _mm256_setzero_ps(), ds = _mm256_setzero_ps();
+  for (; b + 8 <= B; b += 8) {
+    const __m256 s = _mm256_loadu_ps(xs + b);
+    zs = _mm256_fmadd_ps(_mm256_loadu_ps(z + b), s, zs);
+    ds = _mm256_fmadd_ps(_mm256_loadu_ps(d + b), s, ds);
+  }
+  offset = hsum(zs) - 8.0f * hsum(ds);
+#endif
+  for (; b < B; b++) offset += (z[b] - 8.0f * d[b]) * xs[b];
+  return offset;
+}
+
 template <int R>
 void int4_row(const uint8_t* w, const float* d, const float* z, const int8_t* xq, const float* xd,
-              const float* xs, int64_t K, float* out, int64_t stride) {
+              const float* xs, const float* xe, int64_t K, float* out, int64_t stride) {
   const int64_t B = K / QK;
-#ifdef MINILLAMA_AVX2
+#if defined(MINILLAMA_AVX512)
+  // the 32 packed bytes of blocks b, b + 1 as qwords (0, 1, 0, 1, 2, 3, 2, 3), shifted by (0, 0, 4, 4, ...):
+  // block b's low nibbles, its high nibbles, then block b + 1's: the order of the activations
+  const __m512i low4 = _mm512_set1_epi8(0x0F), spread = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0),
+                shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
+  const int64_t P = B / 2;  // pairs of blocks
+  __m512 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; p++) {
+    const __m512i packed = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * QK)));
+    const __m512i q = _mm512_and_si512(_mm512_srlv_epi64(_mm512_permutexvar_epi64(spread, packed), shift), low4);
+    const __m512 wd = spread_pair(d + 2 * p);
+    for (int r = 0; r < R; r++) {
+      const __m512i x = _mm512_loadu_si512(xq + r * K + p * 2 * QK);
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x);  // 16 sums of 4 products
+      const __m512 scale = _mm512_mul_ps(wd, _mm512_loadu_ps(xe + r * 8 * B + p * 16));
+      acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[r]);
+    }
+  }
+  for (int64_t b = 0; b < B; b += 16) {  // the offsets (z - 8 d) * xs, 16 blocks at a time, into the same lanes
+    const __mmask16 k = B - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (B - b)) - 1);
+    const __m512 offset = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, z + b),
+                                        _mm512_mul_ps(_mm512_set1_ps(8.0f), _mm512_maskz_loadu_ps(k, d + b)));
+    for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(k, xs + r * B + b), acc[r]);
+  }
+  for (int r = 0; r < R; r++) {
+    float total = _mm512_reduce_add_ps(acc[r]);
+    if (B % 2) {  // an odd last block alone, in 256 bits
+      const int64_t b = B - 1;
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * QK / 2));
+      const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * QK));
+      total += d[b] * xd[r * B + b] * static_cast<float>(hsum(_mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x)));
+    }
+    out[r * stride] = total;
+  }
+#elif defined(MINILLAMA_AVX2)
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 acc[R];
   for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
@@ -90,18 +162,7 @@ void int4_row(const uint8_t* w, const float* d, const float* z, const int8_t* xq
       acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[r]);
     }
   }
-  for (int r = 0; r < R; r++) {  // the offsets: sum over blocks of (z - 8 d) * xs, 8 blocks at a time
-    __m256 zs = _mm256_setzero_ps(), ds = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 8 <= B; b += 8) {
-      const __m256 s = _mm256_loadu_ps(xs + r * B + b);
-      zs = _mm256_fmadd_ps(_mm256_loadu_ps(z + b), s, zs);
-      ds = _mm256_fmadd_ps(_mm256_loadu_ps(d + b), s, ds);
-    }
-    float offset = hsum(zs) - 8.0f * hsum(ds);
-    for (; b < B; b++) offset += (z[b] - 8.0f * d[b]) * xs[r * B + b];
-    out[r * stride] = hsum(acc[r]) + offset;
-  }
+  for (int r = 0; r < R; r++) out[r * stride] = hsum(acc[r]) + int4_offset(d, z, xs + r * B, B);
 #else
   for (int r = 0; r < R; r++) {
     float total = 0.0f;
@@ -110,18 +171,47 @@ void int4_row(const uint8_t* w, const float* d, const float* z, const int8_t* xq
       const int8_t* x = xq + r * K + b * QK;
       int32_t dot = 0;
       for (int64_t i = 0; i < QK / 2; i++) dot += (p[i] & 15) * x[i] + (p[i] >> 4) * x[i + QK / 2];
-      total += d[b] * xd[r * B + b] * static_cast<float>(dot) + (z[b] - 8.0f * d[b]) * xs[r * B + b];
+      total += d[b] * xd[r * B + b] * static_cast<float>(dot);
     }
-    out[r * stride] = total;
+    out[r * stride] = total + int4_offset(d, z, xs + r * B, B);
   }
 #endif
 }
 
 template <int R>
-void int8_row(const int8_t* w, const float* d, const int8_t* xq, const float* xd, int64_t K, float* out,
-              int64_t stride) {
+void int8_row(const int8_t* w, const float* d, const int8_t* xq, const float* xd, const float* xe, int64_t K,
+              float* out, int64_t stride) {
   const int64_t B = K / QK;
-#ifdef MINILLAMA_AVX2
+#if defined(MINILLAMA_AVX512)
+  const int64_t P = B / 2;
+  __m512 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; p++) {
+    const __m512i q = _mm512_loadu_si512(w + p * 2 * QK);
+    const __m512i q_abs = _mm512_abs_epi8(q);  // |q| read as unsigned (|-128| = 128 fits)
+    const __mmask64 negative = _mm512_movepi8_mask(q);
+    const __m512 wd = spread_pair(d + 2 * p);
+    for (int r = 0; r < R; r++) {
+      const __m512i x = _mm512_loadu_si512(xq + r * K + p * 2 * QK);
+      // |q| * (x with q's sign) = q * x; x is within -127..127, so flipping its sign never overflows
+      const __m512i x_signed = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q_abs, x_signed);
+      const __m512 scale = _mm512_mul_ps(wd, _mm512_loadu_ps(xe + r * 8 * B + p * 16));
+      acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    float total = _mm512_reduce_add_ps(acc[r]);
+    if (B % 2) {
+      const int64_t b = B - 1;
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * QK));
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * QK));
+      const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+      total += d[b] * xd[r * B + b] * static_cast<float>(hsum(dot));
+    }
+    out[r * stride] = total;
+  }
+#elif defined(MINILLAMA_AVX2)
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[R];
   for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
@@ -163,62 +253,121 @@ void check(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64
               d.size(1) == B, "d: (N, K/32) contiguous float32");
 }
 
-// The activations quantized once per call: xq (M, K) int8, xd and xs (M, B) float32.
+// The activations quantized once per call: xq (rows, K) int8, xd and xs (rows, B) float32, and xe (rows, 8 B):
+// each block's scale repeated 8 times, the lanes of its sums in AVX-512's `dpbusd`. With two passes, row r of x
+// becomes rows 2r (x quantized) and 2r + 1 (what that left out, x - x_hat, quantized in turn). Scratch memory of
+// the calling thread, reused from call to call (a decode step makes ~200 calls; a tensor each costs more than a
+// small matrix's arithmetic).
 struct Activations {
-  at::Tensor q, d, s;
-  explicit Activations(const at::Tensor& x) {
-    const int64_t M = x.size(0), K = x.size(1);
-    q = at::empty({M, K}, x.options().dtype(at::kChar));
-    d = at::empty({M, K / QK}, x.options());
-    s = at::empty({M, K / QK}, x.options());
-    quantize_rows(x.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>());
+  int64_t rows;
+  const int8_t* q;
+  const float *d, *s, *e;
+  Activations(const at::Tensor& x, int64_t passes) {
+    const int64_t M = x.size(0), K = x.size(1), B = K / QK;
+    rows = M * passes;
+    thread_local std::vector<int8_t> q_buffer;
+    thread_local std::vector<float> f_buffer, rest;
+    q_buffer.resize(rows * K);
+    f_buffer.resize(rows * B * 10);
+    int8_t* xq = q_buffer.data();
+    float *xd = f_buffer.data(), *xs = xd + rows * B, *xe = xs + rows * B;
+    const float* v = x.data_ptr<float>();
+    for (int64_t r = 0; r < M; r++) {
+      const int64_t first = r * passes;
+      quantize_rows(v + r * K, 1, K, xq + first * K, xd + first * B, xs + first * B);
+      if (passes == 2) {
+        rest.resize(K);
+        for (int64_t j = 0; j < K; j++) rest[j] = v[r * K + j] - static_cast<float>(xq[first * K + j]) * xd[first * B + j / QK];
+        quantize_rows(rest.data(), 1, K, xq + (first + 1) * K, xd + (first + 1) * B, xs + (first + 1) * B);
+      }
+    }
+    for (int64_t i = 0; i < rows * B; i++)
+      for (int j = 0; j < 8; j++) xe[i * 8 + j] = xd[i];
+    q = xq, d = xd, s = xs, e = xe;
   }
 };
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& z) {
+// out (M, N) from the rows' results (rows, N): with two passes, the sum of each row's pair.
+struct Output {
+  at::Tensor out;
+  float* rows_out;
+  int64_t passes;
+  std::vector<float> pairs;
+  Output(const at::Tensor& x, int64_t N, int64_t passes) : out(at::empty({x.size(0), N}, x.options())), passes(passes) {
+    if (passes == 1) {
+      rows_out = out.data_ptr<float>();
+    } else {
+      pairs.resize(2 * x.size(0) * N);
+      rows_out = pairs.data();
+    }
+  }
+  at::Tensor finish() {
+    if (passes == 2) {
+      float* o = out.data_ptr<float>();
+      const int64_t n = out.numel(), N = out.size(1);
+      for (int64_t i = 0; i < n; i++) o[i] = pairs[(i / N) * 2 * N + i % N] + pairs[(i / N) * 2 * N + N + i % N];
+    }
+    return out;
+  }
+};
+
+void check_passes(int64_t passes) { TORCH_CHECK(passes == 1 || passes == 2, "passes: 1 or 2, got ", passes); }
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& z,
+                       int64_t passes) {
   check(x, qs, d, QK / 2);
+  check_passes(passes);
   TORCH_CHECK(qs.scalar_type() == at::kByte, "qs: uint8");
   TORCH_CHECK(z.sizes() == d.sizes() && z.scalar_type() == at::kFloat && z.is_contiguous(), "zeros: like scales");
-  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), B = K / QK;
-  const Activations a(x);
-  auto out = at::empty({M, N}, x.options());
+  const int64_t K = x.size(1), N = qs.size(0), B = K / QK;
+  const Activations a(x, passes);
+  Output out(x, N, passes);
   const uint8_t* w = qs.data_ptr<uint8_t>();
   const float *wd = d.data_ptr<float>(), *wz = z.data_ptr<float>();
-  const int8_t* xq = a.q.data_ptr<int8_t>();
-  const float *xd = a.d.data_ptr<float>(), *xs = a.s.data_ptr<float>();
-  float* o = out.data_ptr<float>();
+  const int8_t* xq = a.q;
+  const float *xd = a.d, *xs = a.s, *xe = a.e;
+  const int64_t E = 8 * B, rows = a.rows;
+  float* o = out.rows_out;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {  // each thread a range of weight rows
     for (int64_t n = begin; n < end; n++) {
       const uint8_t* wn = w + n * K / 2;
+      const float *dn = wd + n * B, *zn = wz + n * B;
       int64_t r = 0;
-      for (; r + ROWS <= M; r += ROWS)
-        int4_row<ROWS>(wn, wd + n * B, wz + n * B, xq + r * K, xd + r * B, xs + r * B, K, o + r * N + n, N);
-      for (; r < M; r++)
-        int4_row<1>(wn, wd + n * B, wz + n * B, xq + r * K, xd + r * B, xs + r * B, K, o + r * N + n, N);
+      for (; r + ROWS <= rows; r += ROWS)
+        int4_row<ROWS>(wn, dn, zn, xq + r * K, xd + r * B, xs + r * B, xe + r * E, K, o + r * N + n, N);
+      for (; r + 2 <= rows; r += 2)
+        int4_row<2>(wn, dn, zn, xq + r * K, xd + r * B, xs + r * B, xe + r * E, K, o + r * N + n, N);
+      for (; r < rows; r++)
+        int4_row<1>(wn, dn, zn, xq + r * K, xd + r * B, xs + r * B, xe + r * E, K, o + r * N + n, N);
     }
   });
-  return out;
+  return out.finish();
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d) {
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t passes) {
   check(x, qs, d, QK);
+  check_passes(passes);
   TORCH_CHECK(qs.scalar_type() == at::kChar, "qs: int8");
-  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), B = K / QK;
-  const Activations a(x);
-  auto out = at::empty({M, N}, x.options());
+  const int64_t K = x.size(1), N = qs.size(0), B = K / QK;
+  const Activations a(x, passes);
+  Output out(x, N, passes);
   const int8_t* w = qs.data_ptr<int8_t>();
   const float* wd = d.data_ptr<float>();
-  const int8_t* xq = a.q.data_ptr<int8_t>();
-  const float* xd = a.d.data_ptr<float>();
-  float* o = out.data_ptr<float>();
+  const int8_t* xq = a.q;
+  const float *xd = a.d, *xe = a.e;
+  const int64_t E = 8 * B, rows = a.rows;
+  float* o = out.rows_out;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; n++) {
+      const int8_t* wn = w + n * K;
+      const float* dn = wd + n * B;
       int64_t r = 0;
-      for (; r + ROWS <= M; r += ROWS) int8_row<ROWS>(w + n * K, wd + n * B, xq + r * K, xd + r * B, K, o + r * N + n, N);
-      for (; r < M; r++) int8_row<1>(w + n * K, wd + n * B, xq + r * K, xd + r * B, K, o + r * N + n, N);
+      for (; r + ROWS <= rows; r += ROWS) int8_row<ROWS>(wn, dn, xq + r * K, xd + r * B, xe + r * E, K, o + r * N + n, N);
+      for (; r + 2 <= rows; r += 2) int8_row<2>(wn, dn, xq + r * K, xd + r * B, xe + r * E, K, o + r * N + n, N);
+      for (; r < rows; r++) int8_row<1>(wn, dn, xq + r * K, xd + r * B, xe + r * E, K, o + r * N + n, N);
     }
   });
-  return out;
+  return out.finish();
 }
 
 // The weights as float32 (N, K), for a prompt's chunk of many rows, which a float matmul serves best: one pass,
@@ -259,25 +408,35 @@ at::Tensor int8_dequantize(const at::Tensor& qs, const at::Tensor& d) {
   return out;
 }
 
-bool uses_avx2() {
-#ifdef MINILLAMA_AVX2
-  return true;
+std::string isa() {  // which inner loops this build runs
+#if defined(MINILLAMA_AVX512)
+  return "AVX-512 VNNI";
+#elif defined(MINILLAMA_AVX2)
+  return "AVX2";
 #else
-  return false;
+  return "plain C++";
 #endif
 }
 
 }  // namespace
 
-TORCH_LIBRARY(minillama, lib) {
-  lib.def("int4_linear(Tensor x, Tensor qs, Tensor scales, Tensor zeros) -> Tensor");
-  lib.def("int8_linear(Tensor x, Tensor qs, Tensor scales) -> Tensor");
+// The ops' namespace: torch.ops.minillama, or another for a second build in the same process (the tests load
+// the AVX2 and plain paths beside the native one: -DMINILLAMA_NS=minillama_avx2 -DMINILLAMA_NO_AVX512).
+#ifndef MINILLAMA_NS
+#define MINILLAMA_NS minillama
+#endif
+#define MINILLAMA_LIBRARY(ns, lib) TORCH_LIBRARY(ns, lib)
+#define MINILLAMA_LIBRARY_IMPL(ns, key, lib) TORCH_LIBRARY_IMPL(ns, key, lib)
+
+MINILLAMA_LIBRARY(MINILLAMA_NS, lib) {
+  lib.def("int4_linear(Tensor x, Tensor qs, Tensor scales, Tensor zeros, int passes=1) -> Tensor");
+  lib.def("int8_linear(Tensor x, Tensor qs, Tensor scales, int passes=1) -> Tensor");
   lib.def("int4_dequantize(Tensor qs, Tensor scales, Tensor zeros) -> Tensor");
   lib.def("int8_dequantize(Tensor qs, Tensor scales) -> Tensor");
-  lib.def("uses_avx2() -> bool", &uses_avx2);
+  lib.def("isa() -> str", &isa);
 }
 
-TORCH_LIBRARY_IMPL(minillama, CPU, lib) {
+MINILLAMA_LIBRARY_IMPL(MINILLAMA_NS, CPU, lib) {
   lib.impl("int4_linear", &int4_linear);
   lib.impl("int8_linear", &int8_linear);
   lib.impl("int4_dequantize", &int4_dequantize);

@@ -7,17 +7,20 @@ of a weight block serves every row, and its 32 products are two AVX2 instruction
 `kernels.cpp` does the same for minillama's int4 and int8 formats (GGUF's Q4_1 and Q8_0 blocks are both), as two
 `torch.library` ops, M rows, K inputs, N outputs, B = K / 32 blocks:
 
-    torch.ops.minillama.int4_linear(x, qs, scales, zeros)   w = (q - 8) * scale + zero, q in 0..15
-    torch.ops.minillama.int8_linear(x, qs, scales)          w = q * scale, q int8
-        x (M, K) float32 -> (M, N) float32; scales, zeros (N, B) float32, one per block of 32 inputs
+    torch.ops.minillama.int4_linear(x, qs, scales, zeros, passes)   w = (q - 8) * scale + zero, q in 0..15
+    torch.ops.minillama.int8_linear(x, qs, scales, passes)          w = q * scale, q int8
+        x (M, K) float32 -> (M, N) float32; scales, zeros (N, B) float32, one per block of 32 inputs;
+        passes=2 also multiplies what the int8 activations left out (x - x_hat, itself int8): as exact as
+        float activations in practice, and as fast where a step is bound by reading the weights
     torch.ops.minillama.int4_dequantize(qs, scales, zeros), int8_dequantize(qs, scales) -> w (N, K) float32
         for a prompt's many rows, which a float matmul serves best (`dequantize_int4_reference`)
 
 `int4_linear_reference` and `int8_linear_reference` below define them in PyTorch, step for step;
 tests/test_kernels.py holds the ops to them. The C++ is compiled at first use with g++ (which torch.compile
 needs on a CPU anyway), `-march=native`, into minillama's cache directory, keyed by the source, torch's version,
-the compiler and the CPU's flags; later processes load the cached library in milliseconds. Without a compiler
-(or with `MINILLAMA_KERNELS=torch`) `available()` is False and quant.py keeps torch's kernels.
+the compiler and the CPU's flags; later processes load the cached library in milliseconds. quant.py's modules
+run them by default on a CPU with AVX2 or AVX-512 VNNI; without a compiler, on other CPUs, or with
+`MINILLAMA_KERNELS=torch`, `available()` is False and quant.py keeps torch's kernels.
 """
 
 from __future__ import annotations
@@ -50,11 +53,23 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return xq.to(torch.int8).reshape(M, K), xd, xd * xq.sum(-1)
 
 
-def int4_linear_reference(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
-                          ) -> torch.Tensor:
+def rest_after_quantizing(x: torch.Tensor) -> torch.Tensor:
+    """x - x_hat: what int8 activations leave out of x (M, K), at most half a step of each block."""
+    xq, xd, _ = quantize_activations(x)
+    M, K = xq.shape
+    return x.float() - (xq.float().reshape(M, K // QK, QK) * xd[..., None]).reshape(M, K)
+
+
+def int4_linear_reference(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          passes: int = 1) -> torch.Tensor:
     """y (M, N) = x (M, K) times the weights (q - 8) * scale + zero, with x quantized by `quantize_activations`.
 
-    Per block: scale * xd * sum(q * xq), plus (zero - 8 * scale) * xs, the weights' offset times the block's sum."""
+    Per block: scale * xd * sum(q * xq), plus (zero - 8 * scale) * xs, the weights' offset times the block's sum.
+    With passes=2, plus the same product for the rest the first quantization left out (`rest_after_quantizing`):
+    x = x_hat + rest, and the rest's own int8 rounding is ~1/127 of the first's."""
+    if passes == 2:
+        return int4_linear_reference(x, qs, scales, zeros) + int4_linear_reference(rest_after_quantizing(x), qs,
+                                                                                   scales, zeros)
     xq, xd, xs = quantize_activations(x)
     M, K = xq.shape
     q = unpack_int4(qs).float().reshape(-1, K // QK, QK)  # (N, B, 32)
@@ -62,8 +77,11 @@ def int4_linear_reference(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tenso
     return (dots * scales[None] * xd[:, None]).sum(-1) + xs @ (zeros - 8 * scales).t()  # (M, N)
 
 
-def int8_linear_reference(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """y (M, N) = x (M, K) times the weights q * scale, with x quantized by `quantize_activations`."""
+def int8_linear_reference(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, passes: int = 1) -> torch.Tensor:
+    """y (M, N) = x (M, K) times the weights q * scale, with x quantized by `quantize_activations` (passes: as
+    `int4_linear_reference`)."""
+    if passes == 2:
+        return int8_linear_reference(x, qs, scales) + int8_linear_reference(rest_after_quantizing(x), qs, scales)
     xq, xd, _ = quantize_activations(x)
     M, K = xq.shape
     dots = torch.einsum("mbi,nbi->mnb", xq.float().reshape(M, K // QK, QK), qs.float().reshape(-1, K // QK, QK))
@@ -110,13 +128,19 @@ _why_not = ""
 
 
 def available() -> bool:
-    """Whether quant.py's modules run these ops: opted in with MINILLAMA_KERNELS=minillama (not yet the default:
-    with them the default model's chat answer to the France question flipped at a 0.08 near-tie), and built."""
-    if os.environ.get("MINILLAMA_KERNELS", "").lower() != "minillama":
-        global _why_not
-        _why_not = "set MINILLAMA_KERNELS=minillama for minillama's own"
+    """Whether quant.py's modules run these ops: where they build and the CPU has AVX2 or AVX-512 VNNI, unless
+    MINILLAMA_KERNELS=torch; with MINILLAMA_KERNELS=minillama also the plain C++ loops of other CPUs."""
+    global _why_not
+    choice = os.environ.get("MINILLAMA_KERNELS", "").lower()
+    if choice == "torch":
+        _why_not = "MINILLAMA_KERNELS=torch"
         return False
-    return load()
+    if not load():
+        return False
+    if choice != "minillama" and torch.ops.minillama.isa() == "plain C++":
+        _why_not = "no AVX2 on this CPU; MINILLAMA_KERNELS=minillama runs minillama's plain C++ loops"
+        return False
+    return True
 
 
 def load() -> bool:
@@ -140,8 +164,7 @@ def load() -> bool:
 def describe() -> str:
     """One line for banners: which kernels the int8/int4 modules run."""
     if available():
-        isa = "AVX2" if torch.ops.minillama.uses_avx2() else "plain C++, no AVX2"
-        return f"minillama's int8-activation kernels ({isa})"
+        return f"minillama's int8-activation kernels ({torch.ops.minillama.isa()})"
     return f"torch's weight-only kernels ({_why_not})"
 
 
@@ -150,7 +173,25 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX") or "g++") or (None if os.environ.get("CXX") else shutil.which("c++"))
 
 
-def build() -> Path:
+# Builds of the same source: the CPU's own best path under torch.ops.minillama, and the narrower paths under
+# their own namespaces, so that tests on a wider CPU hold each path to the reference in one process.
+BUILDS = {"native": [], "avx2": ["-DMINILLAMA_NO_AVX512", "-DMINILLAMA_NS=minillama_avx2"],
+          "plain": ["-DMINILLAMA_NO_AVX2", "-DMINILLAMA_NS=minillama_plain"]}
+
+
+def ops(build_name: str = "native"):
+    """The ops of one build (`BUILDS`), built and loaded if need be: torch.ops.minillama for "native"."""
+    if build_name == "native":
+        if not load():
+            raise OSError(_why_not)
+        return torch.ops.minillama
+    namespace = "minillama_" + build_name
+    if not hasattr(getattr(torch.ops, namespace), "isa"):
+        torch.ops.load_library(str(build(build_name)))
+    return getattr(torch.ops, namespace)
+
+
+def build(build_name: str = "native") -> Path:
     """The compiled library, from the cache or built now (~10 s); raises OSError/SubprocessError when it cannot."""
     from torch.utils import cpp_extension
 
@@ -160,7 +201,9 @@ def build() -> Path:
     if cxx is None:
         raise OSError(f"no C++ compiler found ({os.environ.get('CXX') or 'g++'}; install g++, or set CXX)")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + torch.__version__.encode() + cpu_flags().encode() + cxx.encode()).hexdigest()[:16]
+    defines = BUILDS[build_name]
+    key = hashlib.sha256(source + torch.__version__.encode() + cpu_flags().encode() + cxx.encode()
+                         + " ".join(defines).encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"minillama_kernels-{key}.so"
     if out.exists():
         return out
@@ -168,7 +211,7 @@ def build() -> Path:
     libs = cpp_extension.library_paths()[0]
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
-        cmd = [cxx, "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-w",
+        cmd = [cxx, "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-w", *defines,
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE),
                f"-L{libs}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{libs}", "-o", str(built)]
@@ -200,11 +243,11 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("minillama::int4_linear")
-    def _(x, qs, scales, zeros):
+    def _(x, qs, scales, zeros, passes=1):
         return x.new_empty(x.shape[0], qs.shape[0])
 
     @torch.library.register_fake("minillama::int8_linear")
-    def _(x, qs, scales):
+    def _(x, qs, scales, passes=1):
         return x.new_empty(x.shape[0], qs.shape[0])
 
     @torch.library.register_fake("minillama::int4_dequantize")

@@ -19,13 +19,15 @@ than float32 F.linear), so the input is cast to bf16 and the scales are held in 
 weights rearranged by `_convert_weight_to_int4pack_for_cpu` (a layout private to torch that depends on the CPU's
 vector width), so a module holds only that packed copy and rebuilds the portable nibbles when saved.
 `reference_forward` (dequantize, then F.linear) is the readable definition the kernels are tested against.
-With MINILLAMA_KERNELS=minillama the modules run minillama's own int8-activation ops instead (kernels.py, in
-their own layout) for decode steps, and dequantize then F.linear for a prompt's chunk (`prompt_chunk`).
+Where minillama's own int8-activation ops build (kernels.py: a compiler, and AVX2 or AVX-512 VNNI) the modules
+run them instead, in their own layout, for decode steps (two passes: `PASSES`), and dequantize then F.linear for
+a prompt's chunk (`prompt_chunk`); MINILLAMA_KERNELS=torch keeps torch's.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -39,7 +41,11 @@ from minillama.errors import MinillamaError, read_json_object
 from minillama.kernels import QK
 
 QUANT_METHOD = "minillama"
-KERNEL_DTYPE = torch.bfloat16  # the activations' and scales' dtype inside the CPU kernels
+KERNEL_DTYPE = torch.bfloat16  # the activations' and scales' dtype inside torch's CPU kernels
+# minillama's kernels multiply x = x_hat + rest in two int8 passes on a decode step (kernels.py): with one pass,
+# as llama.cpp does, the default model's greedy replies part from float32's early (docs/quantization.md); with
+# two they stay float32's, for the same read of the weights and more arithmetic. MINILLAMA_KERNEL_PASSES=1: one.
+PASSES = 1 if os.environ.get("MINILLAMA_KERNEL_PASSES") == "1" else 2
 INT4_GROUP_SIZES = (32, 64, 128)
 aten = torch.ops.aten
 
@@ -130,7 +136,7 @@ class Int8Linear(nn.Module):
             self.register_buffer("scales", torch.empty(in_features // G, out_features, dtype=KERNEL_DTYPE,
                                                        device=device), persistent=False)  # (K/G, N)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        self.two_pass = False  # the head: also multiply the rest that int8 activations leave out (`forward`)
+        self.passes = PASSES
 
     def set_quantized(self, q: torch.Tensor, scales: torch.Tensor) -> None:
         """Take q (N, K) int8 and scales (N, K/G) in the saved layout."""
@@ -160,12 +166,7 @@ class Int8Linear(nn.Module):
         if self.kernel == "minillama" and prompt_chunk(x):
             y = F.linear(x2.float(), self.dequantize())
         elif self.kernel == "minillama":
-            x2 = x2.float().contiguous()
-            y = torch.ops.minillama.int8_linear(x2, self.qweight, self.scales)
-            if self.two_pass:  # x = x_hat + rest: the rest's own int8 pass leaves ~1/127 of the first error
-                xq, xd, _ = kernels.quantize_activations(x2)
-                x_hat = (xq.float().reshape(xq.shape[0], -1, QK) * xd[..., None]).reshape(x2.shape)
-                y = y + torch.ops.minillama.int8_linear(x2 - x_hat, self.qweight, self.scales)
+            y = torch.ops.minillama.int8_linear(x2.float().contiguous(), self.qweight, self.scales, self.passes)
         else:
             xg = x2.to(KERNEL_DTYPE)
             y = None
@@ -215,7 +216,6 @@ class Int8Embedding(Int8Linear):
         """The output head that reuses this table: the same int8 tensors, no copy."""
         head = Int8Linear(self.in_features, self.out_features, group_size=self.group_size, device="meta")
         head.kernel, head.qweight, head.scales = self.kernel, self.qweight, self.scales
-        head.two_pass = True  # docs/quantization.md: one pass flipped the default model's first answer
         return head
 
     def extra_repr(self) -> str:
@@ -231,6 +231,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.kernel = kernel_for(in_features)
+        self.passes = PASSES
         # Two nibbles a byte: llama.cpp's order for kernels.py, or torch's private one (it depends on the CPU;
         # `quantized()` rebuilds the portable layout from either).
         self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device),
@@ -285,7 +286,8 @@ class Int4Linear(nn.Module):
         if self.kernel == "minillama" and prompt_chunk(x):
             y = F.linear(x2.float(), self.dequantize())
         elif self.kernel == "minillama":
-            y = torch.ops.minillama.int4_linear(x2.float().contiguous(), self.packed, self.scales, self.zeros)
+            y = torch.ops.minillama.int4_linear(x2.float().contiguous(), self.packed, self.scales, self.zeros,
+                                                self.passes)
         else:
             y = aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE), self.packed, self.group_size,
                                                  self.scales_and_zeros)  # (M, N)
@@ -390,7 +392,6 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None = None, h
             model.model.embed_tokens, model.lm_head = table, table.tied_head()
         else:
             model.lm_head = quantize_linear(model.lm_head, "int8", head_group)
-            model.lm_head.two_pass = True
     return model
 
 
@@ -481,7 +482,6 @@ def use_stored_formats(model: nn.Module, stored: dict[str, tuple[str, int]], dev
         else:
             cls = Int8Linear if kind == "int8" else Int4Linear
             new = cls(m.in_features, m.out_features, m.bias is not None, G, device="meta", dtype=dtype)
-            new.two_pass = name == "lm_head"  # an untied head, as `quantize_model` makes it
         model.set_submodule(name, new)
 
 

@@ -17,7 +17,9 @@ peak RSS. Figures go into docs/quantization.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from minillama import MinillamaError, load_model, load_tokenizer, quant
+from minillama import MinillamaError, kernels, load_model, load_tokenizer, quant
 from minillama.gguf import convert_gguf
 from minillama.hub import fetch_default_gguf
 from minillama.kv_cache import KVCache
@@ -46,7 +48,15 @@ VARIANTS = {
     "int4-g64": ("int4-g64", {}),
     "int4-g128": ("fp32", {"quantize": "int4", "group_size": 128}),  # 576 inputs: refused, reported as such
     "int4-g32-float-head": ("fp32", {"head": False}),
-    "q4_1-native": ("native", {}),
+    "q4_1-native": ("native", {"kernels": "torch"}),  # torch's kernels: bf16 activations and scales
+    # minillama's own kernels (kernels.py, the default): int8 activations in two passes on decode steps, float
+    # prompts (the chat's path) ...
+    "q4_1-minillama": ("native", {"kernels": "minillama"}),
+    # ... and on every position, prompts too: perplexity and teacher-forced counts then see int8 activations
+    "q4_1-minillama-int8-prompts": ("native", {"kernels": "minillama", "int8_prompts": True}),
+    # one pass, as llama.cpp does (MINILLAMA_KERNEL_PASSES=1), on decode steps and on every position
+    "q4_1-minillama-1-pass": ("native", {"kernels": "minillama", "passes": 1}),
+    "q4_1-minillama-1-pass-int8-prompts": ("native", {"kernels": "minillama", "passes": 1, "int8_prompts": True}),
     "int8-fp32-math": ("int8", {"quantize": "none"}),  # the int8 weights dequantized: the reference's numbers
 }
 
@@ -66,7 +76,19 @@ def prepare(work: Path, gguf_file: Path | None) -> None:
 
 
 def load_variant(work: Path, name: str):
-    directory, options = VARIANTS[name]
+    directory, options = VARIANTS[name][0], dict(VARIANTS[name][1])
+    options.pop("int8_prompts", None)
+    if "kernels" in options:  # quant.py's modules choose their kernels (and passes) as they are built
+        kernel, saved_passes = options.pop("kernels"), quant.PASSES
+        os.environ["MINILLAMA_KERNELS"], quant.PASSES = kernel, options.pop("passes", quant.PASSES)
+        try:
+            model = load_model(work / directory, "cpu", **options)
+        finally:
+            del os.environ["MINILLAMA_KERNELS"]
+            quant.PASSES = saved_passes
+        if not any(getattr(m, "kernel", None) == kernel for m in model.modules()):
+            raise MinillamaError(f"no module runs {kernel}'s kernels here: {kernels.describe()}")
+        return model
     if "head" in options:  # int4-g32 with the head left float32, to see what quantizing it buys
         return quant.quantize_model(load_model(work / directory, "cpu"), "int4", 32, head=False)
     return load_model(work / directory, "cpu", **options)
@@ -98,6 +120,28 @@ def teacher_forced(model, prompt: list[int], continuation: list[int]) -> int:
     return int((predicted == torch.tensor(continuation)).sum())
 
 
+@contextlib.contextmanager
+def int8_prompts(on: bool):
+    """With on, every call of a quantized module takes the int8-activation ops, a prompt's many positions too."""
+    if not on:
+        yield
+        return
+    saved = quant.prompt_chunk
+    quant.prompt_chunk = lambda x: False
+    try:
+        yield
+    finally:
+        quant.prompt_chunk = saved
+
+
+@torch.inference_mode()
+def margins(model, prompt: list[int], continuation: list[int]) -> list[float]:
+    """The gap between the top two logits before each token of `continuation` (how close a tie it was)."""
+    logits = model(torch.tensor([prompt + continuation]))[0, len(prompt) - 1:-1].float()
+    top = logits.topk(2, dim=-1).values
+    return (top[:, 0] - top[:, 1]).tolist()
+
+
 def quality(work: Path, names: list[str], n: int) -> dict:
     tokenizer = load_tokenizer(work / "fp32")
     text_ids = tokenizer.encode(TEXT.read_text())
@@ -111,20 +155,32 @@ def quality(work: Path, names: list[str], n: int) -> dict:
             results[name] = {"error": str(e)}
             print(f"{name:22s} {e}", flush=True)
             continue
-        row = {"perplexity": perplexity(model, text_ids), "tokens": len(text_ids)}
-        outputs = [greedy(model, p, n)[0] for p in prompts]
-        if reference is None:
-            reference = outputs
-        row["free_running_same"] = sum(a == b for o, r in zip(outputs, reference) for a, b in zip(o, r))
-        row["first_divergence"] = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), n)
-                                   for o, r in zip(outputs, reference)]
-        row["teacher_forced_same"] = sum(teacher_forced(model, p, r) for p, r in zip(prompts, reference))
-        row["of"] = n * len(prompts)
+        with int8_prompts(VARIANTS[name][1].get("int8_prompts", False)):
+            row = {"perplexity": perplexity(model, text_ids), "tokens": len(text_ids)}
+            outputs = [greedy(model, p, n)[0] for p in prompts]
+            if reference is None:
+                reference = outputs
+                gaps = [margins(model, p, r) for p, r in zip(prompts, reference)]
+            row.update(compare(model, prompts, outputs, reference, n))
+        # float32's own top-two gap where this variant first left its greedy path: a near-tie, or not
+        row["float32_gap_at_first_divergence"] = [round(g[i], 3) if i < n else None
+                                                  for g, i in zip(gaps, row["first_divergence"])]
         results[name] = row
-        print(f"{name:22s} ppl {row['perplexity']:.4f}  free-running {row['free_running_same']}/{row['of']}  "
-              f"teacher-forced {row['teacher_forced_same']}/{row['of']}  first divergence {row['first_divergence']}",
-              flush=True)
+        print(f"{name:28s} ppl {row['perplexity']:.4f}  free-running {row['free_running_same']}/{row['of']}  "
+              f"teacher-forced {row['teacher_forced_same']}/{row['of']}  first divergence {row['first_divergence']}"
+              f"  float32 gap there {row['float32_gap_at_first_divergence']}", flush=True)
     return results
+
+
+def compare(model, prompts: list[list[int]], outputs: list[list[int]], reference: list[list[int]], n: int) -> dict:
+    """Greedy agreement with float32: free-running, where each first differs, and teacher-forced."""
+    row = {}
+    row["free_running_same"] = sum(a == b for o, r in zip(outputs, reference) for a, b in zip(o, r))
+    row["first_divergence"] = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), n)
+                               for o, r in zip(outputs, reference)]
+    row["teacher_forced_same"] = sum(teacher_forced(model, p, r) for p, r in zip(prompts, reference))
+    row["of"] = n * len(prompts)
+    return row
 
 
 def speed_one(work: Path, name: str, n: int) -> dict:
@@ -147,7 +203,7 @@ def speed(work: Path, names: list[str], n: int, rounds: int, threads: int) -> di
         for name in names:
             cmd = [sys.executable, __file__, "--work", str(work), "--speed-one", name, "--tokens", str(n),
                    "--threads", str(threads)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(cmd, check=False, capture_output=True, text=True)
             if done.returncode != 0:
                 best[name] = {"error": done.stderr.strip().splitlines()[-1]}
                 continue

@@ -23,19 +23,40 @@ def weights(N: int, K: int, seed: int) -> dict[str, torch.Tensor]:
             "zeros": torch.randn(N, K // 32, generator=g) * 0.02}
 
 
+@pytest.fixture(scope="module", params=list(kernels.BUILDS))
+def ops(request):
+    """Each build of kernels.cpp: the CPU's widest path (torch.ops.minillama), and the AVX2 and plain C++ paths
+    built beside it under their own namespaces (on a CPU without AVX-512 or AVX2 they are the same code)."""
+    return kernels.ops(request.param)
+
+
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 17])  # whole and partial groups of the kernel's 4 rows
-@pytest.mark.parametrize("N, K", [(16, 32), (48, 96), (40, 288)])  # 1, 3 and 9 blocks: with and without 8 at once
-def test_ops_equal_their_definitions(M, N, K):
+# 1, 3, 9 blocks (odd: AVX-512's last block alone), 18 and 48 (the model's 576 and 1536 inputs: 16 offsets at once)
+@pytest.mark.parametrize("N, K", [(16, 32), (48, 96), (40, 288), (24, 576), (16, 1536)])
+def test_ops_equal_their_definitions(ops, M, N, K):
     w = weights(N, K, seed=M * 1000 + K)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)) * 3
     qs = kernels.pack_int4(w["q4"])
-    y = torch.ops.minillama.int4_linear(x, qs, w["scales"], w["zeros"])
-    ref = kernels.int4_linear_reference(x, qs, w["scales"], w["zeros"])
-    # Integer dot products are exact on both sides: only the float sums' order differs.
-    torch.testing.assert_close(y, ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
-    y = torch.ops.minillama.int8_linear(x, w["q8"], w["scales"])
-    ref = kernels.int8_linear_reference(x, w["q8"], w["scales"])
-    torch.testing.assert_close(y, ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+    for passes in (1, 2):
+        y = ops.int4_linear(x, qs, w["scales"], w["zeros"], passes)
+        ref = kernels.int4_linear_reference(x, qs, w["scales"], w["zeros"], passes)
+        # Integer dot products are exact on both sides: only the float sums' order differs.
+        torch.testing.assert_close(y, ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+        y = ops.int8_linear(x, w["q8"], w["scales"], passes)
+        ref = kernels.int8_linear_reference(x, w["q8"], w["scales"], passes)
+        torch.testing.assert_close(y, ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+
+
+def test_two_passes_are_as_exact_as_float_activations():
+    w = weights(64, 576, seed=7)
+    x = torch.randn(3, 576) * 3
+    qs = kernels.pack_int4(w["q4"])
+    exact = x @ kernels.dequantize_int4_reference(qs, w["scales"], w["zeros"]).t()
+    one, two = (kernels.int4_linear_reference(x, qs, w["scales"], w["zeros"], p) for p in (1, 2))
+    # the rest's own rounding is 1/127 of the first: two passes land ~100x closer to float activations
+    assert (two - exact).abs().max() < (one - exact).abs().max() / 50
+    assert (kernels.rest_after_quantizing(x).abs() <= kernels.quantize_activations(x)[1].repeat_interleave(32, 1) / 2
+            + 1e-7).all()
 
 
 def test_dequantize_ops_equal_their_definitions_bit_for_bit():
@@ -63,15 +84,17 @@ def test_definitions_are_the_dequantized_weights_times_quantized_activations():
                                atol=1e-5, rtol=1e-5)
 
 
-def test_zero_rows_and_large_values_stay_finite_and_exact():
+def test_zero_rows_and_large_values_stay_finite_and_exact(ops):
     w = weights(16, 64, seed=2)
     x = torch.zeros(3, 64)
     x[1, :32] = 1e30  # one block huge, the other zero
     x[2] = -1e-30
     qs = kernels.pack_int4(w["q4"])
-    y = torch.ops.minillama.int4_linear(x, qs, w["scales"], w["zeros"])
+    y = ops.int4_linear(x, qs, w["scales"], w["zeros"])
     assert torch.isfinite(y).all() and torch.equal(y[0], torch.zeros(16))
-    torch.testing.assert_close(y, kernels.int4_linear_reference(x, qs, w["scales"], w["zeros"]), rtol=1e-5, atol=0)
+    ref = kernels.int4_linear_reference(x, qs, w["scales"], w["zeros"])
+    for row, row_ref in zip(y, ref):  # each row at its own scale: 1e-5 of its largest output, as above
+        torch.testing.assert_close(row, row_ref, atol=1e-5 * row_ref.abs().max().item(), rtol=0)
 
 
 def test_int4_layout_is_llama_cpp_block_order_and_round_trips():
@@ -111,13 +134,28 @@ def run_python(code: str, **env: str) -> str:
     return result.stdout.strip()
 
 
-def test_without_a_compiler_torch_kernels_run_and_say_why(tmp_path):
+def test_default_and_fallback_kernels_say_which_and_why(tmp_path):
     code = ("from minillama import kernels, quant; import torch; m = quant.quantize_linear(torch.nn.Linear(64, 32),"
             " 'int4', 32); print(kernels.available(), m.kernel, m(torch.randn(1, 64)).shape, '|', kernels.describe())")
     out = run_python(code, CXX=str(tmp_path / "no-such-compiler"), MINILLAMA_CACHE=str(tmp_path),
                      MINILLAMA_KERNELS="minillama")
     assert out.startswith("False torch torch.Size([1, 32]) |") and "compiler" in out.split("|")[1]
-    out = run_python(code, MINILLAMA_KERNELS="")
-    assert out.startswith("False torch") and "MINILLAMA_KERNELS=minillama" in out
+    out = run_python(code, MINILLAMA_KERNELS="torch")
+    assert out.startswith("False torch") and "MINILLAMA_KERNELS=torch" in out
     out = run_python(code, MINILLAMA_KERNELS="minillama")
     assert out.startswith("True minillama")
+    # the default: minillama's where the CPU has AVX2 or AVX-512 VNNI, torch's (saying why) on other CPUs
+    out = run_python(code, MINILLAMA_KERNELS="")
+    if torch.ops.minillama.isa() == "plain C++":
+        assert out.startswith("False torch") and "no AVX2" in out
+    else:
+        assert out.startswith("True minillama") and torch.ops.minillama.isa() in out
+
+
+def test_each_build_runs_the_widest_path_its_cpu_and_flags_allow():
+    flags = set(kernels.cpu_flags().split())
+    avx2 = {"avx2", "fma"} <= flags
+    avx512 = avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags
+    assert kernels.ops("native").isa() == ("AVX-512 VNNI" if avx512 else "AVX2" if avx2 else "plain C++")
+    assert kernels.ops("avx2").isa() == ("AVX2" if avx2 else "plain C++")
+    assert kernels.ops("plain").isa() == "plain C++"
