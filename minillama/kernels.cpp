@@ -281,31 +281,31 @@ struct Activations {
         quantize_rows(rest.data(), 1, K, xq + (first + 1) * K, xd + (first + 1) * B, xs + (first + 1) * B);
       }
     }
+#ifdef MINILLAMA_AVX512
     for (int64_t i = 0; i < rows * B; i++)
       for (int j = 0; j < 8; j++) xe[i * 8 + j] = xd[i];
+#endif
     q = xq, d = xd, s = xs, e = xe;
   }
 };
 
-// out (M, N) from the rows' results (rows, N): with two passes, the sum of each row's pair.
+// out (M, N) from the rows' results (rows, N): with two passes the rows are written to the calling thread's
+// scratch and each row's pair summed into out.
 struct Output {
   at::Tensor out;
   float* rows_out;
   int64_t passes;
-  std::vector<float> pairs;
   Output(const at::Tensor& x, int64_t N, int64_t passes) : out(at::empty({x.size(0), N}, x.options())), passes(passes) {
-    if (passes == 1) {
-      rows_out = out.data_ptr<float>();
-    } else {
-      pairs.resize(2 * x.size(0) * N);
-      rows_out = pairs.data();
-    }
+    thread_local std::vector<float> pairs;
+    if (passes == 2) pairs.resize(2 * x.size(0) * N);
+    rows_out = passes == 2 ? pairs.data() : out.data_ptr<float>();
   }
   at::Tensor finish() {
     if (passes == 2) {
       float* o = out.data_ptr<float>();
-      const int64_t n = out.numel(), N = out.size(1);
-      for (int64_t i = 0; i < n; i++) o[i] = pairs[(i / N) * 2 * N + i % N] + pairs[(i / N) * 2 * N + N + i % N];
+      const int64_t M = out.size(0), N = out.size(1);
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) o[m * N + n] = rows_out[2 * m * N + n] + rows_out[(2 * m + 1) * N + n];
     }
     return out;
   }
