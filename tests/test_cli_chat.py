@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -261,10 +262,17 @@ def test_empty_prompt_and_missing_model_exit_2(tmp_path):
 
 # ---- a pseudo-terminal: what a person at a keyboard sees --------------------------------------------
 
+def keyboard_signals() -> None:
+    """In the child: Ctrl-C delivered as at a person's terminal. A suite started as a background job (`cmd &`
+    in a script) inherits SIGINT ignored from bash, and so would the chat, which then rightly ignores it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn_chat(*args: str, env: dict | None = None, python_args: tuple[str, ...] = ()):
     """`minillama chat ARGS` at a terminal (python_args: run the CLI another way than `-m minillama`)."""
     child = pexpect.spawn(CLI[0], [*(python_args or CLI[1:]), "chat", *args], encoding="utf-8", timeout=60,
-                          env={**os.environ, "TERM": "dumb", **(env or {})}, dimensions=(40, 200))
+                          env={**os.environ, "TERM": "dumb", **(env or {})}, dimensions=(40, 200),
+                          preexec_fn=keyboard_signals)
     child.expect(">>> ")
     return child
 
@@ -391,7 +399,7 @@ def test_generate_ctrl_c_says_so(chat_model):
     # --threads 1: no note about busy cores on the terminal, so the first character seen is the completion's.
     child = pexpect.spawn(CLI[0], [*CLI[1:], "generate", str(chat_model), "--prompt", "talk", "-n", "4000", "--seed",
                                    "1", "--repeat-penalty", "1", "--threads", "1"], encoding="utf-8", timeout=60,
-                          env={**os.environ, "TERM": "dumb"})
+                          env={**os.environ, "TERM": "dumb"}, preexec_fn=keyboard_signals)
     child.expect(r"\S")  # the completion has started
     child.sendintr()
     child.expect(STATS)

@@ -126,9 +126,9 @@ def test_finish_reasons_for_end_of_turn_length_and_stop_strings(client, tok):
 
 
 def test_utf8_is_never_split(server, tok):
-    """Raw SSE: no delta splits a character (a split shows as U+FFFD in the deltas where the reply decoded whole
-    has none), and the deltas add up to the decoded reply. A random model can emit bytes that never form a
-    character (a 3-byte lead followed by another lead): both sides then hold the same U+FFFD."""
+    """Raw SSE: the deltas add up to the reply decoded whole, so none split a character (a split one would be
+    U+FFFD in the stream only). A random model can emit bytes that never form a character (a 3-byte lead, then
+    another lead): the reply itself then holds that U+FFFD, and so does the stream."""
     body = {"model": MODEL, "messages": HI, "max_tokens": 60, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
         assert r.headers["content-type"] == "text/event-stream; charset=utf-8"
@@ -138,10 +138,8 @@ def test_utf8_is_never_split(server, tok):
               if line.startswith("data: ")]
     whole = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60).json()
     text = whole["choices"][0]["message"]["content"]
-    assert "".join(deltas) == text
-    # each U+FFFD of the stream is one of the reply's own, in one delta: none comes from a split
-    assert sum(d.count("\ufffd") for d in deltas) == text.count("\ufffd")
-    assert len(deltas) > 10 and sum(len(d.encode()) > 1 and not d.isascii() for d in deltas) > 0
+    assert "".join(deltas) == text  # a split character would show as U+FFFD here where the whole reply has it
+    assert any(not d.isascii() for d in deltas)  # the reply did hold multi-byte characters to split
 
 
 def test_logprobs_equal_the_engines(client, lively_chat_model, tok):

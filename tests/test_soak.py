@@ -26,18 +26,21 @@ from minillama.tokenizer import load_tokenizer
 CONTEXT = 160  # a few turns fill it, so the soak meets many context-full events
 
 
-@pytest.fixture(scope="module")
-def session_parts(chat_model):
+def load_parts(chat_model) -> tuple:
     model, tokenizer = minillama.load_model(chat_model, device="cpu"), load_tokenizer(chat_model)
     config = GenerationConfig.from_model_dir(chat_model).updated(do_sample=True, temperature=0.8, top_p=0.9,
                                                                  max_new_tokens=24)
     return model, tokenizer, config
 
 
+@pytest.fixture(scope="module")
+def session_parts(chat_model):
+    return load_parts(chat_model)
+
+
 def settled_rss(process: psutil.Process) -> int:
-    """RSS once freed memory is given back: gc, then glibc's malloc_trim. Without the trim the heap keeps what
-    earlier tests in the same process freed and hands it out in pieces, so RSS drifts by tens of MiB with no
-    leak (seen after tests/test_server.py on a Xeon: +30 MiB, against +1.5 MiB alone)."""
+    """RSS once freed memory is given back (gc, then glibc's malloc_trim), so it follows live memory rather than
+    what the heap keeps cached."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -56,9 +59,7 @@ def live_tensors() -> int:
 def soak(chat_model: str) -> dict:
     """200 turns of one session; RSS and live tensors after warm-up and at the end, context-full events."""
     torch.set_num_threads(1)
-    model, tokenizer = minillama.load_model(chat_model, device="cpu"), load_tokenizer(chat_model)
-    config = GenerationConfig.from_model_dir(chat_model).updated(do_sample=True, temperature=0.8, top_p=0.9,
-                                                                 max_new_tokens=24)
+    model, tokenizer, config = load_parts(chat_model)
     session = ChatSession(model, tokenizer, config, system="You are terse.", seed=3, context=CONTEXT)
     process = psutil.Process()
     refused = clipped = 0
@@ -84,8 +85,8 @@ def soak(chat_model: str) -> dict:
 
 
 def test_200_turns_memory_flat_and_context_full_handled(chat_model):
-    # In a process of its own: RSS is then the soak's alone (after tests/test_server.py in the same process the
-    # heap drifted +30-39 MiB over these turns on a Xeon, even with malloc_trim; +1.5 MiB alone).
+    # In a process of its own: RSS is then the soak's alone (after tests/test_server.py in the same process it
+    # drifted +30-39 MiB over these turns on a Xeon, with or without malloc_trim; +1.5 MiB alone, no leak).
     run = subprocess.run([sys.executable, __file__, str(chat_model)], capture_output=True, text=True, timeout=600,
                          check=False)
     assert run.returncode == 0, run.stderr[-2000:]
