@@ -157,9 +157,11 @@ class ChatSession:
     """A conversation with one model. `send(text)` streams the reply as text pieces.
 
     engine: "eager" (model.forward step by step) or "compiled" (the decode step compiled: CUDA graphs on a
-            GPU; call `engine.warmup()` before the first reply to compile up front); None: compiled on a GPU
-            where it applies, eager elsewhere. The session keeps one engine, whose KV cache holds the
-            conversation so far.
+            GPU; call `engine.warmup()` before the first reply to compile up front; on a CPU the step compiled
+            ahead of time and kept on disk, aot.py); None: compiled on a GPU where it applies, eager
+            elsewhere. The session keeps one engine, whose KV cache holds the conversation so far.
+    load_args: on a CPU with engine="compiled", how `load_model` made this model: the step is then built by
+            a background process while the first replies run eagerly (without: built now, ~1 min, once).
 
     With `prompt_lookup_num_tokens` in the settings, replies copy drafts from the whole conversation
     (lookup.py) on the eager engine, and give the same tokens as without.
@@ -167,7 +169,7 @@ class ChatSession:
 
     def __init__(self, model: torch.nn.Module, tokenizer, generation_config: GenerationConfig,
                  system: str | None = None, seed: int | None = None, context: int | None = None,
-                 engine: str | None = None):
+                 engine: str | None = None, load_args: dict | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, generation_config.ending_turns(tokenizer)
         self.seed = seed
         self.context_note = None  # why the context is shorter than DEFAULT_CONTEXT, when memory decided it
@@ -179,7 +181,7 @@ class ChatSession:
             if engine == "compiled":
                 raise MinillamaError(LOOKUP_ENGINE)
             engine = "eager"
-        self.engine = new_engine(model, engine, self.context)
+        self.engine = new_engine(model, engine, self.context, load_args)
         self.system = system
         self.clear()
 
@@ -325,11 +327,16 @@ def default_context(model: torch.nn.Module) -> tuple[int, str | None]:
                   f"the {free / 1024**3:.1f} GiB free; --context N asks for more")
 
 
-def new_engine(model: torch.nn.Module, kind: str | None, max_seq_len: int):
+def new_engine(model: torch.nn.Module, kind: str | None, max_seq_len: int, load_args: dict | None = None):
     """An engine with an empty KV cache of max_seq_len slots: "eager", "compiled", or None (compiled on a GPU
-    where it applies, eager elsewhere)."""
+    where it applies, eager elsewhere). On a CPU "compiled" is the ahead-of-time step (aot.py), built in a
+    background process when load_args says how to load the model there, else now."""
     if kind is None:
         kind = "compiled" if model.device.type == "cuda" and compiled_engine_applies(model) else "eager"
+    if kind == "compiled" and model.device.type == "cpu":
+        from minillama.aot import AotEngine
+
+        return AotEngine(model, max_seq_len, build="background" if load_args else "now", load_args=load_args)
     if kind == "compiled":
         return CompiledEngine(model, max_seq_len=max_seq_len)
     if kind == "eager":

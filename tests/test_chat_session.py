@@ -7,7 +7,7 @@ import torch
 
 import minillama
 from minillama.chat import ChatSession, ContextFull
-from minillama.fast import CompiledEngine
+from minillama.aot import AotEngine
 from minillama.generation import EagerEngine, GenerationConfig
 from minillama.tokenizer import load_tokenizer
 
@@ -21,12 +21,14 @@ SAMPLINGS = [
 ]
 
 
-def test_compiled_and_eager_sessions_agree(chat_model):
+def test_compiled_and_eager_sessions_agree(chat_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINILLAMA_CACHE", str(tmp_path))  # where the compiled step is kept (aot.py)
     model, tokenizer = minillama.load_model(chat_model, device="cpu"), load_tokenizer(chat_model)
     config = GenerationConfig.from_model_dir(chat_model).updated(max_new_tokens=16)
     compiled = ChatSession(model, tokenizer, config, system="Be kind.", seed=4, context=512, engine="compiled")
     eager = ChatSession(model, tokenizer, config, system="Be kind.", seed=4, context=512)
-    assert isinstance(compiled.engine, CompiledEngine) and isinstance(eager.engine, EagerEngine)  # eager on CPU
+    assert isinstance(compiled.engine, AotEngine) and isinstance(eager.engine, EagerEngine)  # eager: float on a CPU
+    assert compiled.engine.ready  # built now (no load_args for a background build), so every turn runs the graph
     for sampling in SAMPLINGS:  # one session per engine (one compile), cleared between settings
         for session in (compiled, eager):
             session.config = config.updated(**sampling)

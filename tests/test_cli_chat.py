@@ -238,13 +238,17 @@ def test_readme_help_and_banner_say_the_same_true_thing_about_defaults(unsampled
     assert f"repeat-penalty {penalty} (minillama's chat default, measured on the default model: docs/defaults.md)" in banner
 
 
-def test_compile_notice_and_engines(chat_model):
+def test_compile_notice_and_engines(chat_model, tmp_path):
     """When the compiled engine is chosen (the default on CUDA; --engine compiled here on CPU) the user is told
-    before the wait; the eager engine does not compile, and the completion is the same either way."""
+    before the wait; the eager engine does not compile, and the completion is the same either way. On a CPU the
+    step is kept on disk (aot.py), so a second run loads it without the notice."""
     args = ("generate", str(chat_model), "--prompt", "Name a color", "--greedy", "-n", "6")
-    compiled = run_cli(*args, "--engine", "compiled")
+    cache = {"MINILLAMA_CACHE": str(tmp_path)}
+    compiled = run_cli(*args, "--engine", "compiled", env=cache)
     assert compiled.returncode == 0, compiled.stderr
     assert "compiling the decode step" in compiled.stderr and "--no-compile skips it" in compiled.stderr
+    again = run_cli(*args, "--engine", "compiled", env=cache)
+    assert again.returncode == 0 and "compiling" not in again.stderr and again.stdout == compiled.stdout
     eager = run_cli(*args, "--engine", "eager")
     assert eager.returncode == 0, eager.stderr
     assert "compiling" not in eager.stderr

@@ -25,7 +25,6 @@ VARIANT_OPTIONS = {"compile": {"on": True, "off": False}, "pack": {"on": True, "
                    "quantize": {"int8": "int8", "int4": "int4"}, "group": {"32": 32, "64": 64, "128": 128},
                    "weights": {"gguf": "gguf"}}
 # Sides that run the GGUF file the model came from: minillama on its blocks as they are, and llama.cpp.
-GGUF_SIDES = ("minillama:weights=gguf", "llama.cpp")
 
 
 def parse_side(side: str) -> tuple[str, dict[str, Any]]:
@@ -93,7 +92,7 @@ def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None,
     """Benchmark every side; returns one record per figure ({"figure", "side", "value", "unit", ...}).
 
     model:  a checkpoint directory, or None with `config` (a config.json dict) to benchmark random weights.
-    gguf:   the GGUF file `model` was converted from, for the sides that run it (GGUF_SIDES): minillama on its
+    gguf:   the GGUF file `model` was converted from, for the sides that run it (`is_gguf_side`): minillama on its
             blocks as they are (converted with keep_quantized into a temporary directory) and llama.cpp.
     A side that fails (or runs past side_timeout seconds) gets an "error" record and the others still run.
     time_budget: seconds for the whole run; a side is cut off when it runs out and later sides are skipped
@@ -138,7 +137,7 @@ def run_bench(model: str | Path | None, *, config: dict[str, Any] | None = None,
 
 def _check_gguf_sides(sides: list[str], gguf: str | Path | None) -> None:
     """The GGUF sides need the file, and llama.cpp its Python package: said before any work."""
-    wanted = [side for side in sides if side in GGUF_SIDES]
+    wanted = [side for side in sides if is_gguf_side(side)]
     if wanted and gguf is None:
         raise MinillamaError(f"the {wanted[0]} side runs the GGUF file the model came from: give it with --gguf FILE")
     if wanted and not Path(gguf).is_file():
@@ -151,14 +150,21 @@ def _check_gguf_sides(sides: list[str], gguf: str | Path | None) -> None:
 
 def _add_gguf(specs: dict[str, dict[str, Any]], gguf: str | Path | None, tmp: Path, progress) -> None:
     """Point the GGUF sides at the file; minillama's at the file converted with its quantized blocks kept."""
-    for side in set(specs) & set(GGUF_SIDES):
+    for side in filter(is_gguf_side, specs):
         specs[side]["gguf"] = str(gguf)
-    if "minillama:weights=gguf" in specs:
+    minillama_sides = [side for side in specs if is_gguf_side(side) and side != "llama.cpp"]
+    if minillama_sides:
         from minillama.gguf import convert_gguf
 
         progress(f"converting {gguf} with its quantized blocks kept")
-        specs["minillama:weights=gguf"]["model"] = str(convert_gguf(gguf, tmp / "gguf-blocks", progress=False,
-                                                                   keep_quantized=True))
+        converted = str(convert_gguf(gguf, tmp / "gguf-blocks", progress=False, keep_quantized=True))
+        for side in minillama_sides:
+            specs[side]["model"] = converted
+
+
+def is_gguf_side(side: str) -> bool:
+    """llama.cpp, or a minillama side on the GGUF's own blocks (minillama:weights=gguf, with other options too)."""
+    return side == "llama.cpp" or (side.startswith("minillama:") and "weights=gguf" in side.split(":", 1)[1].split("/"))
 
 
 def run_ranks(model, config, dev, dtype, prompt_len, new_tokens, repeats, compile, seed,

@@ -129,20 +129,37 @@ def run_minillama(spec: dict[str, Any]) -> dict[str, Any]:
     device = resolve_device(spec["device"])
     options = spec.get("options", {})
     compile = options.get("compile", spec["compile"])
-    compile = device.type == "cuda" if compile is None else compile
+    if compile is None and device.type == "cuda":
+        compile = True
     P, N = spec["prompt_len"], spec["new_tokens"]
     start = time.perf_counter()
     model = load_model(spec["model"], device=device, dtype=spec["dtype"], pack=options.get("pack", not compile),
                        tp=spec.get("tp", False), quantize=options.get("quantize"), group_size=options.get("group"))
     _sync(device)
     load_s = time.perf_counter() - start  # the model is ready for model(ids), like from_pretrained's
+    if compile is None:  # a CPU: the chat's default (aot.py's step on minillama's int8 kernels, else eager)
+        from minillama import aot
+
+        compile = aot.default_applies(model) and not spec.get("tp", False)
     prompt = _prompt(spec, model.config.vocab_size).to(device)
     if options.get("attention") == "math":
         model.set_attn_implementation("eager")
 
     start = time.perf_counter()  # setting up the engine (compiling, CUDA graph capture) counts as warm-up
     extra = {}
-    if compile:
+    if compile and device.type == "cpu":  # the chat's compiled engine on a CPU: built now, or loaded if cached
+        from minillama.aot import AotEngine
+
+        load_args = dict(path=spec["model"], device=str(device), dtype=spec["dtype"], quantize=options.get("quantize"),
+                         group_size=options.get("group"))
+        engine = AotEngine(model, P + N, build="background", load_args=load_args)  # peak memory: not the build's
+        while not engine.ready and engine.builder is not None:
+            time.sleep(0.2)
+            engine.poll()
+        if not engine.ready:
+            raise RuntimeError(f"the compiled step could not be built: {engine.build_error}")
+        extra = {"engine": "aot"}
+    elif compile:
         engine = CompiledEngine(model, P + N, tuning=options.get("tuning"), pdl=options.get("pdl", False),
                                 lag=options.get("lag"))
         engine.warmup()

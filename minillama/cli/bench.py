@@ -33,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "of minillama's engine such as minillama:pack=off or minillama:compile=on/attention=math "
                                    "(default: minillama,transformers; on CUDA also transformers-static)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="minillama's engine: compiled decode step (on) or eager (off); auto: compiled on CUDA only")
+                   help="minillama's engine: compiled decode step (on) or eager (off); auto: compiled on CUDA, and on a CPU "
+                        "where the chat compiles it (weights that minillama's int8 kernels run: aot.py)")
     p.add_argument("--side-timeout", type=float, metavar="SECONDS",
                    help="give up on a side after this long (it is reported as failed; the others still run)")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
@@ -179,10 +180,10 @@ def run_concurrency(args: argparse.Namespace) -> int:
 
 def default_gguf(args: argparse.Namespace, sides: list[str] | None, tmp: Path) -> Path | None:
     """The default model's own GGUF, when it is the model benchmarked and a side runs the GGUF (else None)."""
-    from minillama.bench.run import GGUF_SIDES
+    from minillama.bench.run import is_gguf_side
     from minillama.hub import DEFAULT_MODEL, fetch_default_gguf
 
-    if not sides or not set(sides) & set(GGUF_SIDES) or args.config or args.tiny or \
+    if not sides or not any(map(is_gguf_side, sides)) or args.config or args.tiny or \
             (args.model or DEFAULT_MODEL) != DEFAULT_MODEL:
         return None
     return fetch_default_gguf(tmp, offline=args.offline)

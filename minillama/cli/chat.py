@@ -73,13 +73,16 @@ def run(args: argparse.Namespace) -> int:
         raise MinillamaError(f"{loaded.path} has no chat template, so it cannot chat; "
                              "use minillama generate --raw to continue plain text")
     session = ChatSession(loaded.model, loaded.tokenizer, loaded.generation_config, system=system,
-                          seed=args.seed, context=args.context, engine=loaded.engine)
+                          seed=args.seed, context=args.context, engine=loaded.engine, load_args=loaded.load_args)
     if session.context_note:
         eprint(f"minillama: {session.context_note}")
     if args.load:
         session.load_transcript(read_transcript(args.load))
         eprint(f"[loaded {len(session.messages)} messages from {args.load}]")
-    if loaded.engine == "compiled":  # compile now, not in the middle of the first reply
+    if getattr(session.engine, "builder", None) is not None:  # a CPU: the step compiled ahead of time (aot.py)
+        eprint("minillama: compiling the decode step in the background, once for this model and context (about "
+               "a minute on 2 cores); replies run eagerly until it is ready (--engine eager skips it)")
+    elif loaded.engine == "compiled" and not getattr(session.engine, "ready", False):  # compile now, not mid-reply
         eprint("minillama: compiling the decode step (once per session; it can take a minute; "
                "--no-compile skips it)...")
         session.engine.warmup()
@@ -102,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if manual_paste:
             print("\x1b[?2004l", end="", flush=True)
+        if getattr(session.engine, "builder", None) is not None:  # the chat ended before the build did
+            session.engine.stop_builder()
+            eprint("minillama: the compiled decode step was not finished, so the next chat builds it again "
+                   "(a chat of a minute or more finishes it)")
 
 
 def weights_in_words(model) -> str:
@@ -322,6 +329,9 @@ class Repl:
             eprint(f"context full: the reply reached the end of the {session.context}-token context; {then}")
         if self.stats and st is not None and (self.interactive or st.generated_tokens):
             eprint(st.line())
+        news = getattr(session.engine, "news", None)  # a background build of the compiled step has ended
+        if news is not None and (note := news()):
+            eprint(f"minillama: {note}")
 
     def make_room(self, message: str) -> None:
         """--drop-oldest: forget the oldest turns the new message needs room for, and say so."""

@@ -215,7 +215,18 @@ def engine_choice(args: argparse.Namespace, device: torch.device, rope_type: str
         return "eager"
     if getattr(args, "engine", None):
         return args.engine
-    return "compiled" if device.type == "cuda" and rope_type != "dynamic" else "eager"
+    if device.type == "cuda":
+        return "compiled" if rope_type != "dynamic" else "eager"
+    return None  # a CPU: decided once the weights are loaded (default_engine)
+
+
+def default_engine(args: argparse.Namespace, model: torch.nn.Module) -> str:
+    """The CPU default: a chat on weights that minillama's int8 kernels run (the default model's Q4_1) takes
+    the ahead-of-time compiled step (aot.py: built once in the background, then loaded from disk); float
+    weights run eagerly on oneDNN-packed matrices, which the compiled step was not faster than."""
+    from minillama import aot
+
+    return "compiled" if args.command == "chat" and aot.default_applies(model) else "eager"
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:
@@ -255,6 +266,7 @@ class Loaded:
     load_seconds: float
     engine: str  # "eager" or "compiled"
     sampling_sources: dict[str, str]  # setting -> where its value came from (minillama.chat.FROM_*)
+    load_args: dict  # load_model's arguments that gave `model` (a background build loads it again)
 
 
 def load_all(args: argparse.Namespace) -> Loaded:
@@ -285,9 +297,12 @@ def load_all(args: argparse.Namespace) -> Loaded:
     tokenizer = load_tokenizer(path)
     start = time.perf_counter()
     # The eager engine on a CPU runs fastest on oneDNN-packed weights (the compiled one needs plain ones).
-    model = load_model(path, device=device, dtype=args.dtype, pack=engine == "eager", tp=tensor_parallel(),
-                       **quantize_args(args))
-    return Loaded(path, model, tokenizer, generation_config, time.perf_counter() - start, engine, sources)
+    load_args = dict(path=str(path), device=str(device), dtype=args.dtype, **quantize_args(args))
+    model = load_model(**load_args, pack=engine != "compiled", tp=tensor_parallel())  # packing: float32 on a CPU
+    seconds = time.perf_counter() - start
+    if engine is None:
+        engine = default_engine(args, model)
+    return Loaded(path, model, tokenizer, generation_config, seconds, engine, sources, load_args)
 
 
 def eprint(*parts: object) -> None:

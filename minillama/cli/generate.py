@@ -66,10 +66,18 @@ def run(args: argparse.Namespace) -> int:
     tok = loaded.tokenizer
     config = loaded.generation_config if use_raw(args) else loaded.generation_config.ending_turns(tok)
     note_context_limit(loaded, len(ids), config.max_new_tokens)
-    if loaded.engine == "compiled":
-        eprint("minillama: compiling the decode step (it can take a minute; --no-compile skips it)...")
     context = loaded.model.config.max_position_embeddings
-    engine = new_engine(loaded.model, loaded.engine, min(context, len(ids) + config.max_new_tokens))
+    length = min(context, len(ids) + config.max_new_tokens)
+    if loaded.engine == "compiled" and loaded.model.device.type == "cpu":
+        from minillama import aot
+
+        length = min(context, max(1024, 1 << (length - 1).bit_length()))  # a few lengths: each one is compiled once
+        if not aot.is_built(loaded.model, length):
+            eprint("minillama: compiling the decode step, once for this model and length (it can take a minute; "
+                   "--no-compile skips it)...")
+    elif loaded.engine == "compiled":
+        eprint("minillama: compiling the decode step (it can take a minute; --no-compile skips it)...")
+    engine = new_engine(loaded.model, loaded.engine, length)
     stream, trimmer = tok.stream_decoder(skip_special_tokens=True), StopTrimmer(args.stop)
     start = time.perf_counter()
     first = None
