@@ -222,11 +222,15 @@ def engine_choice(args: argparse.Namespace, device: torch.device, rope_type: str
 
 def default_engine(args: argparse.Namespace, model: torch.nn.Module) -> str:
     """The CPU default: a chat on weights that minillama's int8 kernels run (the default model's Q4_1) takes
-    the ahead-of-time compiled step (aot.py: built once in the background, then loaded from disk); float
-    weights run eagerly on oneDNN-packed matrices, which the compiled step was not faster than."""
+    the ahead-of-time compiled step (aot.py: built once in the background, then loaded from disk), and so does
+    `generate` once a chat has built it (a one-shot run does not wait for a build); float weights run eagerly
+    on oneDNN-packed matrices, which the compiled step was not faster than."""
     from minillama import aot
+    from minillama.chat import default_context
 
-    return "compiled" if args.command == "chat" and aot.default_applies(model) else "eager"
+    if not aot.default_applies(model):
+        return "eager"
+    return "compiled" if args.command == "chat" or aot.is_built(model, default_context(model)[0]) else "eager"
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:

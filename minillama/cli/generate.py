@@ -70,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
     length = min(context, len(ids) + config.max_new_tokens)
     if loaded.engine == "compiled" and loaded.model.device.type == "cpu":
         from minillama import aot
+        from minillama.chat import default_context
 
-        length = min(context, max(1024, 1 << (length - 1).bit_length()))  # a few lengths: each one is compiled once
+        chat = default_context(loaded.model)[0]  # the chat's step where it fits, else one of a few lengths
+        length = chat if length <= chat else min(context, 1 << (length - 1).bit_length())
         if not aot.is_built(loaded.model, length):
             eprint("minillama: compiling the decode step, once for this model and length (it can take a minute; "
                    "--no-compile skips it)...")
