@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import minillama
+from minillama import kernels
 from minillama.chat import CHAT_SAMPLING, ChatSession, chat_generation_config
 from minillama.tokenizer import load_tokenizer
 
@@ -415,9 +416,9 @@ def test_generate_ctrl_c_says_so(chat_model):
 
 
 @pytest.mark.slow
-def test_default_settings_end_the_default_models_replies(smollm2_q4_dir, one_thread):
-    """The chat's default settings on the default model (SmolLM2-135M-Instruct, its Q4_1 weights, as `minillama
-    chat` runs it on a CPU): of the 20 fixed prompts of tests/data/chat_prompts.json, prompt i seeded with i, at
+def test_default_settings_end_the_default_models_replies(smollm2_q4_dir, smollm2_cache, one_thread, monkeypatch):
+    """The chat's default settings on the default model (SmolLM2-135M-Instruct, its Q4_1 weights and compiled
+    step, as `minillama chat` runs it on a CPU): of the 20 fixed prompts of tests/data/chat_prompts.json, prompt i seeded with i, at
     least 16 (80%) end at their end of turn within the default 256 tokens. Measured (docs/defaults.md): 17 of 20
     now; 14 of 20 with the old defaults (no repeat penalty), 13 of 20 with a penalty of 1.15 that also counted the
     prompt's end-of-turn tokens. It decodes ~2,300 tokens: ~35 s on a quiet core, 60-140 s on this shared 2-core VM,
@@ -427,9 +428,10 @@ def test_default_settings_end_the_default_models_replies(smollm2_q4_dir, one_thr
     model, tok = minillama.load_model(smollm2_q4_dir, pack=True), load_tokenizer(smollm2_q4_dir)
     config, sources = chat_generation_config(smollm2_q4_dir)
     assert {k: getattr(config, k) for k in CHAT_SAMPLING} == CHAT_SAMPLING and config.max_new_tokens == 256
+    monkeypatch.setenv("MINILLAMA_CACHE", str(smollm2_cache))  # test_aot.py's step, or built here once
     ended = []
     for seed, prompt in enumerate(prompts):
-        session = ChatSession(model, tok, config, seed=seed)
+        session = ChatSession(model, tok, config, seed=seed, engine="compiled" if kernels.available() else None)
         "".join(session.send(prompt))
         ended.append(session.last_stats.stop_reason == "eos")
     assert sum(ended) >= 16, [p for p, e in zip(prompts, ended) if not e]
