@@ -311,6 +311,16 @@ struct Output {
   }
 };
 
+// Weight rows `ahead` rows on are fetched into the cache while this one is multiplied: each matrix is a new
+// stream, and the hardware's prefetcher stops at every 4 KB page (a profile put a third of the time on the
+// weight loads). Nothing is computed from it; it only changes when the bytes arrive.
+constexpr int64_t AHEAD = 8;
+
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+}
+
 void check_passes(int64_t passes) { TORCH_CHECK(passes == 1 || passes == 2, "passes: 1 or 2, got ", passes); }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& z,
@@ -332,6 +342,11 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tens
     for (int64_t n = begin; n < end; n++) {
       const uint8_t* wn = w + n * K / 2;
       const float *dn = wd + n * B, *zn = wz + n * B;
+      if (n + AHEAD < end) {
+        prefetch(wn + AHEAD * K / 2, K / 2);
+        prefetch(dn + AHEAD * B, B * 4);
+        prefetch(zn + AHEAD * B, B * 4);
+      }
       int64_t r = 0;
       for (; r + ROWS <= rows; r += ROWS)
         int4_row<ROWS>(wn, dn, zn, xq + r * K, xd + r * B, xs + r * B, xe + r * E, K, o + r * N + n, N);
@@ -361,6 +376,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tens
     for (int64_t n = begin; n < end; n++) {
       const int8_t* wn = w + n * K;
       const float* dn = wd + n * B;
+      if (n + AHEAD < end) {
+        prefetch(wn + AHEAD * K, K);
+        prefetch(dn + AHEAD * B, B * 4);
+      }
       int64_t r = 0;
       for (; r + ROWS <= rows; r += ROWS) int8_row<ROWS>(wn, dn, xq + r * K, xd + r * B, xe + r * E, K, o + r * N + n, N);
       for (; r + 2 <= rows; r += 2) int8_row<2>(wn, dn, xq + r * K, xd + r * B, xe + r * E, K, o + r * N + n, N);
