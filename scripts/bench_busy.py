@@ -1,6 +1,7 @@
 """Decode speed on a quiet machine and beside one busy process per core, for each thread setting.
 
-Runs `minillama generate` (the default model, the chat's default path) in a fresh process per measurement and
+Runs `minillama generate` (the default model, the chat's default path: its compiled step once a chat has built
+it, so run one chat first) in a fresh process per measurement and
 reads the decode tok/s from its stats line; "busy" starts one spinning process per core first. Settings: the
 default (threads = idle cores at start), --threads 1, --threads <all cores>. Rounds interleave the settings.
 
