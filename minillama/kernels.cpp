@@ -51,6 +51,24 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, 
   const int64_t B = K / QK;
   for (int64_t i = 0; i < M * B; i++) {
     const float* v = x + i * QK;
+#ifdef MINILLAMA_AVX512
+    {  // the same steps, 16 values at a time (roundscale: half to even)
+      const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float d = amax / 127.0f;
+      const __m512 inv = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f), lo = _mm512_set1_ps(-127.0f),
+                   hi = _mm512_set1_ps(127.0f);
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(
+          _mm512_roundscale_ps(_mm512_mul_ps(v0, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(
+          _mm512_roundscale_ps(_mm512_mul_ps(v1, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i * QK), _mm512_cvtepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i * QK + 16), _mm512_cvtepi32_epi8(q1));
+      xd[i] = d;
+      xs[i] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+      continue;
+    }
+#endif
     float amax = 0.0f;
     for (int64_t j = 0; j < QK; j++) amax = std::fmax(amax, std::fabs(v[j]));
     const float d = amax / 127.0f;
