@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if manual_paste:
             print("\x1b[?2004l", end="", flush=True)
-        if getattr(session.engine, "builder", None) is not None:  # the chat ended before the build did
+        if getattr(session.engine, "builder", None) is not None and not session.engine.poll() \
+                and session.engine.builder is not None:  # the chat ended before the build did
             session.engine.stop_builder()
             eprint("minillama: the compiled decode step was not finished, so the next chat builds it again "
                    "(a chat of a minute or more finishes it)")
