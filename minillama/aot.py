@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -164,19 +165,26 @@ class AotEngine:
             raise MinillamaError(f"build={build!r}: choose 'now', 'background' or 'never'")
         max_seq_len = max(2, min(max_seq_len, model.config.max_position_embeddings))
         self.model, self.max_seq_len = model, max_seq_len
-        self.cache = model.new_cache(1, max_seq_len + 1)
-        self.eager = EagerEngine(model, self.cache)
-        self.eager.max_seq_len = max_seq_len
         self.key = package_key(model, max_seq_len)
         self.path = package_path(self.key)
         self.runner = None
+        # A loaded package keeps its constants (this cache among them) for the life of the process: torch frees
+        # neither. So the next engine of the same model and context, once this one is gone, takes both over.
+        last = getattr(model, "_aot_steps", {}).get(self.key)
+        if last is not None and last[0]() is None:
+            self.cache, self.runner = last[1], last[2]
+            model._aot_steps[self.key][0] = weakref.ref(self)
+        else:
+            self.cache = model.new_cache(1, max_seq_len + 1)
+        self.eager = EagerEngine(model, self.cache)
+        self.eager.max_seq_len = max_seq_len
         self.builder: subprocess.Popen | None = None
         self.build_error: str | None = None
         self._news: list[str] = []  # one-line notes for the user: the build ended (ready, or why not)
         self.token = torch.zeros(1, 1, dtype=torch.long)  # (1, 1)
         self.pos = torch.zeros(1, dtype=torch.long)  # (1,)
         self.marker = torch.empty(max_seq_len)  # its first `span` elements give the graph its span
-        if self.path.exists() and not self._load():
+        if self.runner is None and self.path.exists() and not self._load():
             self.path.unlink(missing_ok=True)  # unreadable (a torch or disk problem): built again below
         if self.ready or build == "never":
             return
@@ -209,6 +217,9 @@ class AotEngine:
         loader.load_constants({n: tensors[n] for n in names}, False, True, True)  # user-managed: no copies
         self.runner = loader
         os.utime(self.path)  # recently used: kept when newer packages are built
+        if not hasattr(self.model, "_aot_steps"):
+            self.model._aot_steps = {}
+        self.model._aot_steps[self.key] = [weakref.ref(self), self.cache, loader]
         return True
 
     def _start_builder(self, load_args: dict) -> None:

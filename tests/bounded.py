@@ -16,9 +16,15 @@ from dataclasses import dataclass
 
 LIMIT_BYTES = 3 * 1024**3  # CPU torch plus minillama need ~0.7 GB of address space; a tiny model, a bit more
 
+# The child's own peak: VmHWM (ru_maxrss survives exec, so it would report the test process's size at the fork)
 _DRIVER = """
 import atexit, resource, runpy, sys
-atexit.register(lambda: print(f"PEAK_RSS_KB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr))
+def peak_kb():
+    try:
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+atexit.register(lambda: print(f"PEAK_RSS_KB {peak_kb()}", file=sys.stderr))
 if sys.argv[1] == "-c":
     code = sys.argv[2]; sys.argv = sys.argv[2:]; exec(compile(code, "<case>", "exec"), {"__name__": "__main__"})
 else:

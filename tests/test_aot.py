@@ -3,6 +3,7 @@ loaded from disk by a later engine or chat, built in the background while the fi
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -63,6 +64,21 @@ def test_a_second_engine_and_a_second_chat_load_the_step_from_disk(q4_step, smol
         runs[tuple(flags)] = r.stdout
         assert "compiling" not in r.stderr  # loaded from the cache, not built again (its time: benchmarks.md)
     assert runs[()] == runs[("--engine", "eager")]
+
+
+def test_a_later_engine_takes_over_a_gone_ones_cache(q4_step):
+    """A loaded package keeps its constants for the process's life (torch frees neither), so engines of the same
+    model and context reuse one KV cache and graph once the previous engine is gone: memory stays flat."""
+    model, engine = q4_step
+    alive = AotEngine(model, DEFAULT_CONTEXT, build="never")
+    assert alive.ready and alive.cache is not engine.cache  # both alive: each its own cache
+    cache = alive.cache
+    del alive
+    gc.collect()
+    after = AotEngine(model, DEFAULT_CONTEXT, build="never")
+    assert after.ready and after.cache is cache
+    ids = list(range(2000, 2030))
+    assert greedy(model, ids, after, 8) == greedy(model, ids, EagerEngine(model, model.new_cache(1, 64)), 8)
 
 
 def test_a_background_build_switches_from_eager_to_compiled(chat_model, tmp_path, monkeypatch):

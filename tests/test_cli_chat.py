@@ -430,8 +430,10 @@ def test_default_settings_end_the_default_models_replies(smollm2_q4_dir, smollm2
     assert {k: getattr(config, k) for k in CHAT_SAMPLING} == CHAT_SAMPLING and config.max_new_tokens == 256
     monkeypatch.setenv("MINILLAMA_CACHE", str(smollm2_cache))  # test_aot.py's step, or built here once
     ended = []
+    session = ChatSession(model, tok, config, engine="compiled" if kernels.available() else None)  # one KV cache
     for seed, prompt in enumerate(prompts):
-        session = ChatSession(model, tok, config, seed=seed, engine="compiled" if kernels.available() else None)
+        session.seed = seed
+        session.clear()  # a new conversation whose random stream starts from `seed`
         "".join(session.send(prompt))
         ended.append(session.last_stats.stop_reason == "eos")
     assert sum(ended) >= 16, [p for p, e in zip(prompts, ended) if not e]
