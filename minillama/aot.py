@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -226,15 +227,18 @@ class AotEngine:
         spec = {"load_args": load_args, "max_seq_len": self.max_seq_len, "key": self.key, "threads": 1}
         self._threads = torch.get_num_threads()  # one fewer while the build runs: it takes a core (threads.py)
         torch.set_num_threads(max(1, self._threads - 1))
+        self._builder_log = tempfile.TemporaryFile("w+")  # not a pipe: compiler warnings could fill one and stall it
         self.builder = subprocess.Popen([sys.executable, "-m", "minillama.aot", json.dumps(spec)],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                        stderr=self._builder_log, start_new_session=True)
         self._builder_started = time.monotonic()
 
     def poll(self) -> bool:
         """Pick up a finished background build; True once the compiled step runs. Called before each prompt."""
         if self.runner is None and self.builder is not None and self.builder.poll() is not None:
-            err = self.builder.stderr.read() if self.builder.stderr else ""
+            self._builder_log.seek(0)
+            err = self._builder_log.read()
+            self._builder_log.close()
             code, self.builder = self.builder.returncode, None
             torch.set_num_threads(self._threads)
             seconds = time.monotonic() - self._builder_started
