@@ -140,14 +140,14 @@ def run_minillama(spec: dict[str, Any]) -> dict[str, Any]:
     if compile is None:  # a CPU: the chat's default (aot.py's step on minillama's int8 kernels, else eager)
         from minillama import aot
 
-        compile = aot.default_applies(model) and not spec.get("tp", False)
+        compile = aot.default_applies(model)  # (it does not apply under tensor parallelism)
     prompt = _prompt(spec, model.config.vocab_size).to(device)
     if options.get("attention") == "math":
         model.set_attn_implementation("eager")
 
     start = time.perf_counter()  # setting up the engine (compiling, CUDA graph capture) counts as warm-up
     extra = {}
-    if compile and device.type == "cpu":  # the chat's compiled engine on a CPU: built now, or loaded if cached
+    if compile and device.type == "cpu":  # the chat's compiled engine: loaded if cached, else built in a child
         from minillama.aot import AotEngine
 
         load_args = dict(path=spec["model"], device=str(device), dtype=spec["dtype"], quantize=options.get("quantize"),
